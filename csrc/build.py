@@ -1,0 +1,34 @@
+"""cffi builder for udpbackend._fastpath (build time only; never imported at run time).
+
+The cdef is csrc/fastpath.h verbatim: the header is the contract. UDPBACKEND_SANITIZE=1 builds
+with AddressSanitizer/UBSan for local debugging.
+"""
+
+import os
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = ["packet.c", "route.c", "io.c"]
+
+with open(os.path.join(HERE, "fastpath.h")) as f:
+    header = f.read()
+
+extra = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"]
+if os.environ.get("UDPBACKEND_SANITIZE") == "1":
+    extra += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1"]
+
+ffibuilder = FFI()
+ffibuilder.cdef(header)
+ffibuilder.set_source(
+    "udpbackend._fastpath",
+    '#include <stdint.h>\n#include "fastpath.h"\n',
+    # setuptools wants paths relative to the project root.
+    sources=[os.path.join("csrc", s) for s in SOURCES],
+    include_dirs=["csrc"],
+    depends=[os.path.join("csrc", "fastpath.h"), os.path.join("csrc", "internal.h")],
+    extra_compile_args=extra,
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

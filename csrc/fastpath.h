@@ -1,0 +1,166 @@
+/* fastpath.h - THE contract between udpbackend's Python side and its C fast path.
+ * This file is fed verbatim to cffi's cdef(), so it holds only plain integer #defines,
+ * typedefs and prototypes: no #include, no macros with arguments, no inline code.
+ * udpbackend/packet.py is the pure-Python twin of everything declared here, with the
+ * same names and the same semantics; tests hold the two to each other.
+ *
+ * Rules for every function below:
+ *   - no globals, no malloc per packet (the route table allocates on set only), no logging;
+ *   - integers are in HOST byte order (an IPv4 address is the uint32 ipaddress gives);
+ *   - return >= 0 on success or -errno; per-packet problems are never errors, they are
+ *     counted in fp_stats and the packet is dropped;
+ *   - the caller owns every buffer; C borrows pointers only for the duration of a call.
+ *
+ * Wire format (flannel's UDP backend): the UDP payload is exactly one raw IPv4 packet,
+ * nothing before it.  Both directions decrement the TTL (RFC 1624 checksum update).
+ */
+
+#define FP_DEFAULT_PORT 8285
+#define FP_MAX_BATCH 64          /* packets per batch syscall, upper bound of fp_batch.nslots */
+#define FP_MAX_SLOT 65536        /* largest useful slot: an IPv4 packet is <= 65535 bytes */
+#define FP_REPLY_MAX 96          /* largest ICMP error we build: 20 + 8 + 60 (hdr) + 8 */
+#define FP_ICMP_TTL 8            /* TTL of generated ICMP errors (flannel uses 8) */
+
+/* Verdicts of fp_egress / fp_ingress. */
+#define FP_FORWARD 0             /* pass pkt[0:*len] on (to hop / into the TUN) */
+#define FP_REPLY 1               /* pkt dropped; reply[0:*reply_len] is an ICMP error to deliver */
+#define FP_DROP 2                /* pkt dropped; the reason was counted */
+
+/* Drop reasons: indexes into fp_dir_stats.drops.  Checked in this order. */
+#define FP_DROP_TOO_SHORT 0      /* fewer than 20 bytes */
+#define FP_DROP_NOT_IPV4 1       /* version nibble is not 4 (e.g. IPv6 noise on the TUN) */
+#define FP_DROP_BAD_HEADER 2     /* IHL < 5, IHL*4 > bytes received, or total length < IHL*4 */
+#define FP_DROP_TRUNCATED 3      /* total length > bytes received */
+#define FP_DROP_OVERSIZE 4       /* total length > mtu */
+#define FP_DROP_BAD_CHECKSUM 5   /* IPv4 header checksum does not verify */
+#define FP_DROP_TTL_EXCEEDED 6   /* TTL <= 1: would reach 0 here */
+#define FP_DROP_NO_ROUTE 7       /* egress only: no route for the destination */
+#define FP_DROP_TX_ERROR 8       /* sendmmsg/sendto/write refused the packet, or the socket stayed full */
+#define FP_DROP_REASONS 9
+
+/* Syscall kinds: indexes into fp_stats.syscalls.  Calls that return EAGAIN count too. */
+#define FP_SYS_READ 0
+#define FP_SYS_WRITE 1
+#define FP_SYS_SENDMMSG 2
+#define FP_SYS_RECVMMSG 3
+#define FP_SYS_SENDTO 4
+#define FP_SYS_RECVFROM 5
+#define FP_SYS_POLL 6
+#define FP_SYS_KINDS 7
+
+/* Batch-size histogram: bucket k counts batches of size in [2^k, 2^(k+1)), the last bucket
+ * also everything larger.  A batch is what one round of a pump took in (n >= 1). */
+#define FP_HIST_BUCKETS 8
+
+typedef struct {
+    uint64_t rx_packets;         /* taken in: read from the TUN (egress) / received over UDP (ingress) */
+    uint64_t rx_bytes;
+    uint64_t tx_packets;         /* passed on: sent to a peer (egress) / written into the TUN (ingress) */
+    uint64_t tx_bytes;
+    uint64_t drops[FP_DROP_REASONS];
+    uint64_t batches;
+    uint64_t batch_hist[FP_HIST_BUCKETS];
+} fp_dir_stats;
+
+typedef struct {
+    fp_dir_stats egress;         /* TUN -> UDP */
+    fp_dir_stats ingress;        /* UDP -> TUN */
+    uint64_t icmp_unreachable;   /* ICMP dest-unreachable (3/0) replies built */
+    uint64_t icmp_time_exceeded; /* ICMP time-exceeded (11/0) replies built */
+    uint64_t icmp_ratelimited;   /* replies suppressed by the token bucket */
+    uint64_t syscalls[FP_SYS_KINDS];
+} fp_stats;
+
+/* One forwarding context: configuration, ICMP token bucket and counters.
+ * Allocated by the caller (ffi.new), set up with fp_ctx_init, then only read by the caller.
+ * Not shared between threads. */
+typedef struct {
+    uint32_t local_ip;           /* the TUN's address: source of generated ICMP errors */
+    uint32_t mtu;                /* largest packet accepted in either direction */
+    uint32_t per_packet;         /* 1: one read + one sendto per packet (flannel's loop); 0: batched */
+    uint32_t icmp_rate;          /* ICMP errors per second refilled into the bucket; 0: never send */
+    uint32_t icmp_burst;         /* bucket capacity */
+    uint32_t icmp_tokens;        /* state: tokens left */
+    uint64_t icmp_last_ns;       /* state: time of the last refill */
+    fp_stats stats;
+} fp_ctx;
+
+/* Next hop of a forwarded packet. */
+typedef struct {
+    uint32_t ip;
+    uint16_t port;
+} fp_hop;
+
+/* A batch arena: nslots slots of slot_size bytes at arena, slot i at arena + i * slot_size.
+ * Owned by the caller; slot_size must be >= mtu + 1 (so that an over-MTU datagram is seen,
+ * never truncated) and <= FP_MAX_SLOT; 1 <= nslots <= FP_MAX_BATCH. */
+typedef struct {
+    uint8_t *arena;
+    uint32_t slot_size;
+    uint32_t nslots;
+} fp_batch;
+
+/* Route table: longest-prefix match of IPv4 destinations to next hops.  Exact-match hash per
+ * prefix length, so a lookup costs one probe per prefix length in use (one in a flannel
+ * network, where every lease has SubnetLen), whatever the number of routes. */
+typedef struct fp_routes fp_routes;
+
+/* NULL when out of memory.  Free with fp_routes_free (Python: ffi.gc). */
+fp_routes *fp_routes_new(void);
+void fp_routes_free(fp_routes *rt);
+/* Add or replace net/prefix_len -> (peer_ip, peer_port).  0: added, 1: replaced,
+ * -EINVAL: prefix_len > 32 or host bits set in net, -ENOMEM. */
+int fp_routes_set(fp_routes *rt, uint32_t net, uint32_t prefix_len, uint32_t peer_ip, uint16_t peer_port);
+/* 0: removed, -ENOENT: no such route, -EINVAL: as for set. */
+int fp_routes_del(fp_routes *rt, uint32_t net, uint32_t prefix_len);
+/* Longest match for addr: returns its prefix length (0..32) and fills *hop, or -ENOENT. */
+int fp_routes_lookup(const fp_routes *rt, uint32_t addr, fp_hop *hop);
+/* Number of routes held. */
+int fp_routes_count(const fp_routes *rt);
+
+/* Set up cx: the given config, a full token bucket, zeroed counters.  0 or -EINVAL when
+ * mtu < 68 or mtu > 65535. */
+int fp_ctx_init(fp_ctx *cx, uint32_t local_ip, uint32_t mtu, uint32_t per_packet,
+                uint32_t icmp_rate, uint32_t icmp_burst);
+
+/* Internet checksum (RFC 1071) of buf[0:len], folded and complemented: 0 over a valid header. */
+uint16_t fp_checksum(const uint8_t *buf, uint32_t len);
+
+/* The sans-IO core.  Decide one packet of *len bytes at pkt, pkt having room for at least
+ * *len bytes; now_ns is a monotonic clock for the ICMP token bucket.
+ *   1. validate: the FP_DROP_* checks TOO_SHORT..BAD_CHECKSUM in order; bytes beyond the
+ *      IPv4 total length are trimmed (*len := total length);
+ *   2. TTL <= 1: drop (TTL_EXCEEDED) and build ICMP time-exceeded (type 11, code 0);
+ *   3. egress only: longest-prefix lookup of the destination; none: drop (NO_ROUTE) and build
+ *      ICMP dest-unreachable (type 3, code 0) - flannel's "net unreachable";
+ *   4. TTL - 1 with the RFC 1624 incremental checksum update, in place; FP_FORWARD.
+ * An ICMP error is built (FP_REPLY) only when the offender is not itself an ICMP error
+ * (types 3, 4, 5, 11, 12, or an ICMP header cut short), is a first fragment (offset 0), has
+ * a source that is not 0.0.0.0 nor >= 224.0.0.0, a destination < 224.0.0.0, and the token
+ * bucket has a token (else icmp_ratelimited++ and FP_DROP).  The reply goes from
+ * cx->local_ip to the offender's source, TTL FP_ICMP_TTL, id 0, and quotes the offender's
+ * header plus up to 8 bytes of its payload; reply needs FP_REPLY_MAX bytes.
+ * Both functions bump the drop and ICMP counters; rx/tx/syscall counters are the pumps'. */
+int fp_egress(fp_ctx *cx, const fp_routes *rt, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
+              fp_hop *hop, uint8_t *reply, uint32_t *reply_len);
+int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
+               uint8_t *reply, uint32_t *reply_len);
+
+/* The pumps.  Never block for long: fds must be non-blocking.  Each takes in at most
+ * `budget` packets (so that a caller on an event loop is never starved) and stops early at
+ * EAGAIN.  Returns the number of packets taken in, or -errno for an fd-level failure when
+ * none were (EAGAIN is not a failure).
+ *
+ * fp_tun_to_udp (egress), one round:
+ *   1. read up to nslots packets from tun_fd into b's slots (one read each: a TUN has no
+ *      batch read without vnet headers);
+ *   2. fp_egress on each: FORWARD -> queued with its own next hop; REPLY -> written back
+ *      into tun_fd (delivered to the local sender);
+ *   3. one sendmmsg for the queued packets (per_packet: one sendto each).  A socket that
+ *      stays full for 5 ms, or refuses a packet, costs a FP_DROP_TX_ERROR per packet.
+ * fp_udp_to_tun (ingress), one round:
+ *   1. one recvmmsg of up to nslots datagrams (per_packet: one recvfrom);
+ *   2. fp_ingress on each: FORWARD -> one write into tun_fd each; REPLY (time exceeded) ->
+ *      sendto the datagram's source address. */
+int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int udp_fd, int budget);
+int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget);

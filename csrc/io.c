@@ -1,0 +1,283 @@
+/* io.c - the only file with syscalls: the two pumps, fp_tun_to_udp and fp_udp_to_tun,
+ * composed from the sans-IO verdicts of packet.c and the route table of route.c.
+ * Never blocks for long (non-blocking fds, a 5 ms wait at most when the socket is full);
+ * counts every syscall, batch and outcome in cx->stats.
+ *
+ * Outbound flow (TUN -> UDP), one round:
+ *   1. read up to nslots packets from the TUN, one read(2) each, stop at EAGAIN;
+ *   2. fp_egress decides each: forward (own next hop), reply (ICMP into the TUN), drop;
+ *   3. one sendmmsg(2) for everything forwarded (per-packet mode: sendto(2) each).
+ * Inbound flow (UDP -> TUN), one round:
+ *   1. one recvmmsg(2) of up to nslots datagrams (per-packet mode: recvfrom(2));
+ *   2. fp_ingress decides each: forward -> one write(2) into the TUN each (a TUN has no
+ *      batch write without vnet headers); reply (time exceeded) -> sendto(2) the sender. */
+#define _GNU_SOURCE
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define SEND_WAIT_MS 5
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void set_addr(struct sockaddr_in *sa, uint32_t ip, uint16_t port)
+{
+    memset(sa, 0, sizeof(*sa));
+    sa->sin_family = AF_INET;
+    sa->sin_addr.s_addr = htonl(ip);
+    sa->sin_port = htons(port);
+}
+
+static int check_batch(const fp_ctx *cx, const fp_batch *b)
+{
+    if (!b->arena || b->nslots < 1 || b->nslots > FP_MAX_BATCH || b->slot_size > FP_MAX_SLOT
+        || b->slot_size < cx->mtu + 1)
+        return -EINVAL;
+    return 0;
+}
+
+static void count_batch(fp_dir_stats *st, uint32_t n)
+{
+    st->batches++;
+    st->batch_hist[hist_bucket(n)]++;
+}
+
+/* Wait until fd is writable; 1 if it is, 0 on timeout.  Counted as a poll syscall. */
+static int wait_writable(fp_ctx *cx, int fd)
+{
+    struct pollfd p = { .fd = fd, .events = POLLOUT };
+    cx->stats.syscalls[FP_SYS_POLL]++;
+    return poll(&p, 1, SEND_WAIT_MS) > 0;
+}
+
+/* Send one datagram with sendto, waiting once if the socket is full.  0 sent, -1 dropped. */
+static int send_one(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len, const struct sockaddr_in *to)
+{
+    for (int tries = 0; tries < 2; tries++) {
+        ssize_t r;
+        do {
+            cx->stats.syscalls[FP_SYS_SENDTO]++;
+            r = sendto(fd, buf, len, MSG_DONTWAIT, (const struct sockaddr *)to, sizeof(*to));
+        } while (r < 0 && errno == EINTR);
+        if (r >= 0)
+            return 0;
+        if (errno != EAGAIN || !wait_writable(cx, fd))
+            return -1;
+    }
+    return -1;
+}
+
+/* Write one packet into the TUN.  0 written, -1 refused. */
+static int tun_write(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len)
+{
+    for (int tries = 0; tries < 2; tries++) {
+        ssize_t r;
+        do {
+            cx->stats.syscalls[FP_SYS_WRITE]++;
+            r = write(fd, buf, len);
+        } while (r < 0 && errno == EINTR);
+        if (r >= 0)
+            return 0;
+        if (errno != EAGAIN || !wait_writable(cx, fd))
+            return -1;
+    }
+    return -1;
+}
+
+/* sendmmsg everything in msgs[0:n], retrying partial sends; returns packets that failed. */
+static uint32_t send_batch(fp_ctx *cx, int fd, struct mmsghdr *msgs, uint32_t n, fp_dir_stats *st)
+{
+    uint32_t done = 0, failed = 0;
+    int waited = 0;
+    while (done < n) {
+        cx->stats.syscalls[FP_SYS_SENDMMSG]++;
+        int r = sendmmsg(fd, msgs + done, n - done, MSG_DONTWAIT);
+        if (r > 0) {
+            for (int i = 0; i < r; i++) {
+                st->tx_packets++;
+                st->tx_bytes += msgs[done + i].msg_hdr.msg_iov->iov_len;
+            }
+            done += (uint32_t)r;
+            waited = 0;
+        } else if (r < 0 && errno == EINTR) {
+            continue;
+        } else if (r < 0 && errno == EAGAIN && !waited) {
+            waited = 1;
+            if (!wait_writable(cx, fd))
+                break;
+        } else {
+            /* The first remaining message was refused (EMSGSIZE, ENETUNREACH, EPERM from a
+             * firewall...) or the socket stayed full: drop that one and go on. */
+            if (r < 0 && errno == EAGAIN)
+                break;
+            failed++;
+            done++;
+        }
+    }
+    return failed + (n - done);
+}
+
+int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int udp_fd, int budget)
+{
+    int err = check_batch(cx, b);
+    if (err)
+        return err;
+    fp_dir_stats *st = &cx->stats.egress;
+    struct mmsghdr msgs[FP_MAX_BATCH];
+    struct iovec iov[FP_MAX_BATCH];
+    struct sockaddr_in to[FP_MAX_BATCH];
+    uint8_t reply[FP_REPLY_MAX];
+    uint32_t want_max = cx->per_packet ? 1 : b->nslots;
+    int total = 0;
+
+    while (total < budget) {
+        uint32_t want = (uint32_t)(budget - total) < want_max ? (uint32_t)(budget - total) : want_max;
+        uint32_t n = 0, nsend = 0;
+        int rerr = 0;
+        while (n < want) {
+            uint8_t *slot = b->arena + (size_t)n * b->slot_size;
+            cx->stats.syscalls[FP_SYS_READ]++;
+            ssize_t r = read(tun_fd, slot, b->slot_size);
+            if (r < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno != EAGAIN)
+                    rerr = -errno;
+                break;
+            }
+            uint32_t len = (uint32_t)r;
+            st->rx_packets++;
+            st->rx_bytes += len;
+            uint32_t rlen = 0;
+            fp_hop hop;
+            int v = fp_egress(cx, rt, slot, &len, now_ns(), &hop, reply, &rlen);
+            if (v == FP_FORWARD) {
+                iov[nsend].iov_base = slot;
+                iov[nsend].iov_len = len;
+                set_addr(&to[nsend], hop.ip, hop.port);
+                memset(&msgs[nsend], 0, sizeof(msgs[nsend]));
+                msgs[nsend].msg_hdr.msg_iov = &iov[nsend];
+                msgs[nsend].msg_hdr.msg_iovlen = 1;
+                msgs[nsend].msg_hdr.msg_name = &to[nsend];
+                msgs[nsend].msg_hdr.msg_namelen = sizeof(to[nsend]);
+                nsend++;
+            } else if (v == FP_REPLY) {
+                if (tun_write(cx, tun_fd, reply, rlen) < 0)
+                    st->drops[FP_DROP_TX_ERROR]++;
+            }
+            n++;
+        }
+        if (n == 0)
+            return total ? total : rerr;
+        count_batch(st, n);
+        if (cx->per_packet) {
+            for (uint32_t i = 0; i < nsend; i++) {
+                if (send_one(cx, udp_fd, iov[i].iov_base, (uint32_t)iov[i].iov_len, &to[i]) == 0) {
+                    st->tx_packets++;
+                    st->tx_bytes += iov[i].iov_len;
+                } else {
+                    st->drops[FP_DROP_TX_ERROR]++;
+                }
+            }
+        } else if (nsend) {
+            st->drops[FP_DROP_TX_ERROR] += send_batch(cx, udp_fd, msgs, nsend, st);
+        }
+        total += (int)n;
+        if (n < want || rerr)
+            break;
+    }
+    return total;
+}
+
+int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget)
+{
+    int err = check_batch(cx, b);
+    if (err)
+        return err;
+    fp_dir_stats *st = &cx->stats.ingress;
+    struct mmsghdr msgs[FP_MAX_BATCH];
+    struct iovec iov[FP_MAX_BATCH];
+    struct sockaddr_in from[FP_MAX_BATCH];
+    uint8_t reply[FP_REPLY_MAX];
+    uint32_t want_max = cx->per_packet ? 1 : b->nslots;
+    int total = 0;
+
+    while (total < budget) {
+        uint32_t want = (uint32_t)(budget - total) < want_max ? (uint32_t)(budget - total) : want_max;
+        int n;
+        if (cx->per_packet) {
+            socklen_t alen = sizeof(from[0]);
+            ssize_t r;
+            do {
+                cx->stats.syscalls[FP_SYS_RECVFROM]++;
+                r = recvfrom(udp_fd, b->arena, b->slot_size, MSG_DONTWAIT | MSG_TRUNC,
+                             (struct sockaddr *)&from[0], &alen);
+            } while (r < 0 && errno == EINTR);
+            n = r < 0 ? -1 : 1;
+            if (r >= 0)
+                msgs[0].msg_len = (unsigned)r;
+        } else {
+            for (uint32_t i = 0; i < want; i++) {
+                iov[i].iov_base = b->arena + (size_t)i * b->slot_size;
+                iov[i].iov_len = b->slot_size;
+                memset(&msgs[i], 0, sizeof(msgs[i]));
+                msgs[i].msg_hdr.msg_iov = &iov[i];
+                msgs[i].msg_hdr.msg_iovlen = 1;
+                msgs[i].msg_hdr.msg_name = &from[i];
+                msgs[i].msg_hdr.msg_namelen = sizeof(from[i]);
+            }
+            do {
+                cx->stats.syscalls[FP_SYS_RECVMMSG]++;
+                n = recvmmsg(udp_fd, msgs, want, MSG_DONTWAIT, NULL);
+            } while (n < 0 && errno == EINTR);
+        }
+        if (n < 0) {
+            if (errno == EAGAIN)
+                break;
+            return total ? total : -errno;
+        }
+        if (n == 0)
+            break;
+        count_batch(st, (uint32_t)n);
+        uint64_t now = now_ns();
+        for (int i = 0; i < n; i++) {
+            uint8_t *slot = b->arena + (size_t)i * b->slot_size;
+            /* MSG_TRUNC: recvfrom reports the real length; recvmmsg flags the message.  A slot
+             * is at least mtu + 1 bytes, so a cut datagram is always also over the MTU. */
+            uint32_t len = msgs[i].msg_len;
+            int cut = len > b->slot_size || (!cx->per_packet && (msgs[i].msg_hdr.msg_flags & MSG_TRUNC));
+            st->rx_packets++;
+            st->rx_bytes += len;
+            if (cut) {
+                st->drops[FP_DROP_OVERSIZE]++;
+                continue;
+            }
+            uint32_t rlen = 0;
+            int v = fp_ingress(cx, slot, &len, now, reply, &rlen);
+            if (v == FP_FORWARD) {
+                if (tun_write(cx, tun_fd, slot, len) == 0) {
+                    st->tx_packets++;
+                    st->tx_bytes += len;
+                } else {
+                    st->drops[FP_DROP_TX_ERROR]++;
+                }
+            } else if (v == FP_REPLY) {
+                if (send_one(cx, udp_fd, reply, rlen, &from[i]) < 0)
+                    st->drops[FP_DROP_TX_ERROR]++;
+            }
+        }
+        total += n;
+        if ((uint32_t)n < want)
+            break;
+    }
+    return total;
+}

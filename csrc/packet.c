@@ -1,0 +1,195 @@
+/* packet.c - the sans-IO core: IPv4 validation, TTL decrement (RFC 1624), ICMP errors,
+ * the ICMP token bucket and the per-packet verdicts fp_egress / fp_ingress.
+ * No syscalls, no globals, no allocation: everything works on caller-owned bytes. */
+#include "internal.h"
+
+#define NS_PER_SEC 1000000000ULL
+
+int fp_ctx_init(fp_ctx *cx, uint32_t local_ip, uint32_t mtu, uint32_t per_packet,
+                uint32_t icmp_rate, uint32_t icmp_burst)
+{
+    if (mtu < 68 || mtu > 65535)
+        return -EINVAL;
+    memset(cx, 0, sizeof(*cx));
+    cx->local_ip = local_ip;
+    cx->mtu = mtu;
+    cx->per_packet = per_packet ? 1 : 0;
+    cx->icmp_rate = icmp_rate;
+    cx->icmp_burst = icmp_burst;
+    cx->icmp_tokens = icmp_burst;
+    return 0;
+}
+
+uint16_t fp_checksum(const uint8_t *buf, uint32_t len)
+{
+    uint64_t sum = 0;
+    uint32_t i = 0;
+    for (; i + 1 < len; i += 2)
+        sum += (uint32_t)((buf[i] << 8) | buf[i + 1]);
+    if (i < len)
+        sum += (uint32_t)(buf[i] << 8);
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)~sum;
+}
+
+/* Returns a FP_DROP_* reason, or -1 when the header is fine; trims *len to the total length. */
+static int validate(const fp_ctx *cx, const uint8_t *pkt, uint32_t *len)
+{
+    uint32_t n = *len;
+    if (n < 20)
+        return FP_DROP_TOO_SHORT;
+    if ((pkt[0] >> 4) != 4)
+        return FP_DROP_NOT_IPV4;
+    uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4;
+    if (ihl < 20 || ihl > n)
+        return FP_DROP_BAD_HEADER;
+    uint32_t tot = rd16(pkt + IP_OFF_TOTLEN);
+    if (tot < ihl)
+        return FP_DROP_BAD_HEADER;
+    if (tot > n)
+        return FP_DROP_TRUNCATED;
+    *len = tot;
+    if (tot > cx->mtu)
+        return FP_DROP_OVERSIZE;
+    if (fp_checksum(pkt, ihl) != 0)
+        return FP_DROP_BAD_CHECKSUM;
+    return -1;
+}
+
+static int take_token(fp_ctx *cx, uint64_t now_ns)
+{
+    if (cx->icmp_rate == 0)
+        return 0;
+    uint64_t elapsed = now_ns > cx->icmp_last_ns ? now_ns - cx->icmp_last_ns : 0;
+    if (elapsed >= NS_PER_SEC) {
+        cx->icmp_tokens = cx->icmp_burst;
+        cx->icmp_last_ns = now_ns;
+    } else {
+        uint64_t add = elapsed * cx->icmp_rate / NS_PER_SEC;
+        if (add > 0) {
+            uint64_t t = (uint64_t)cx->icmp_tokens + add;
+            cx->icmp_tokens = (uint32_t)(t < cx->icmp_burst ? t : cx->icmp_burst);
+            cx->icmp_last_ns += add * NS_PER_SEC / cx->icmp_rate;
+        }
+    }
+    if (cx->icmp_tokens == 0)
+        return 0;
+    cx->icmp_tokens--;
+    return 1;
+}
+
+/* RFC 792 / RFC 1812 4.3.2.7: no ICMP error about an ICMP error, a non-first fragment,
+ * or a packet from/to an address that does not name a single host. */
+static int may_answer(const uint8_t *pkt, uint32_t len)
+{
+    uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4;
+    if (pkt[IP_OFF_PROTO] == IPPROTO_ICMP_) {
+        if (ihl + 1 > len)
+            return 0;
+        uint8_t type = pkt[ihl];
+        if (type == 3 || type == 4 || type == 5 || type == 11 || type == 12)
+            return 0;
+    }
+    if ((rd16(pkt + IP_OFF_FRAG) & 0x1fff) != 0)
+        return 0;
+    uint32_t src = rd32(pkt + IP_OFF_SRC), dst = rd32(pkt + IP_OFF_DST);
+    if (src == 0 || src >= 0xe0000000u || dst >= 0xe0000000u)
+        return 0;
+    return 1;
+}
+
+static uint32_t build_icmp_error(const fp_ctx *cx, const uint8_t *pkt, uint32_t len,
+                                 uint8_t type, uint8_t code, uint8_t *reply)
+{
+    uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4;
+    uint32_t quote = ihl + 8 < len ? ihl + 8 : len;
+    uint32_t total = 20 + 8 + quote;
+    uint8_t *ip = reply, *icmp = reply + 20;
+
+    memset(reply, 0, 28);
+    ip[0] = 0x45;
+    wr16(ip + IP_OFF_TOTLEN, (uint16_t)total);
+    ip[IP_OFF_TTL] = FP_ICMP_TTL;
+    ip[IP_OFF_PROTO] = IPPROTO_ICMP_;
+    wr32(ip + IP_OFF_SRC, cx->local_ip);
+    memcpy(ip + IP_OFF_DST, pkt + IP_OFF_SRC, 4);
+    wr16(ip + IP_OFF_CSUM, fp_checksum(ip, 20));
+
+    icmp[0] = type;
+    icmp[1] = code;
+    memcpy(icmp + 8, pkt, quote);
+    wr16(icmp + 2, fp_checksum(icmp, 8 + quote));
+    return total;
+}
+
+/* Steps 2 (TTL) and the ICMP decision shared by both directions.  Returns a verdict. */
+static int answer(fp_ctx *cx, const uint8_t *pkt, uint32_t len, uint64_t now_ns,
+                  uint8_t type, uint8_t *reply, uint32_t *reply_len)
+{
+    if (!may_answer(pkt, len))
+        return FP_DROP;
+    if (!take_token(cx, now_ns)) {
+        cx->stats.icmp_ratelimited++;
+        return FP_DROP;
+    }
+    *reply_len = build_icmp_error(cx, pkt, len, type, 0, reply);
+    if (type == 3)
+        cx->stats.icmp_unreachable++;
+    else
+        cx->stats.icmp_time_exceeded++;
+    return FP_REPLY;
+}
+
+/* RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'), m the 16-bit word holding TTL and protocol. */
+static void decrement_ttl(uint8_t *pkt)
+{
+    uint32_t old_word = rd16(pkt + IP_OFF_TTL);
+    pkt[IP_OFF_TTL]--;
+    uint32_t new_word = rd16(pkt + IP_OFF_TTL);
+    uint32_t sum = (uint16_t)~rd16(pkt + IP_OFF_CSUM);
+    sum += (uint16_t)~old_word;
+    sum += new_word;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    wr16(pkt + IP_OFF_CSUM, (uint16_t)~sum);
+}
+
+static int common(fp_ctx *cx, fp_dir_stats *st, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
+                  uint8_t *reply, uint32_t *reply_len)
+{
+    int why = validate(cx, pkt, len);
+    if (why >= 0) {
+        st->drops[why]++;
+        return FP_DROP;
+    }
+    if (pkt[IP_OFF_TTL] <= 1) {
+        st->drops[FP_DROP_TTL_EXCEEDED]++;
+        return answer(cx, pkt, *len, now_ns, 11, reply, reply_len);
+    }
+    return -1;
+}
+
+int fp_egress(fp_ctx *cx, const fp_routes *rt, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
+              fp_hop *hop, uint8_t *reply, uint32_t *reply_len)
+{
+    int v = common(cx, &cx->stats.egress, pkt, len, now_ns, reply, reply_len);
+    if (v >= 0)
+        return v;
+    if (fp_routes_lookup(rt, rd32(pkt + IP_OFF_DST), hop) < 0) {
+        cx->stats.egress.drops[FP_DROP_NO_ROUTE]++;
+        return answer(cx, pkt, *len, now_ns, 3, reply, reply_len);
+    }
+    decrement_ttl(pkt);
+    return FP_FORWARD;
+}
+
+int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
+               uint8_t *reply, uint32_t *reply_len)
+{
+    int v = common(cx, &cx->stats.ingress, pkt, len, now_ns, reply, reply_len);
+    if (v >= 0)
+        return v;
+    decrement_ttl(pkt);
+    return FP_FORWARD;
+}

@@ -1,0 +1,223 @@
+"""The C fast path, wrapped: the only importer of ``udpbackend._fastpath``.
+
+Same API as the pure-Python twin in ``packet.py`` (tests hold the two to each other). This
+module validates arguments, owns every buffer it hands to C, and turns ``-errno`` returns into
+``OSError``; it knows nothing of event loops, TUN set-up or the control plane.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any
+
+from ._fastpath import ffi, lib
+from .packet import DROP_REASONS, SYSCALL_KINDS, Decision
+
+FORWARD = lib.FP_FORWARD
+REPLY = lib.FP_REPLY
+DROP = lib.FP_DROP
+MAX_BATCH = lib.FP_MAX_BATCH
+MAX_SLOT = lib.FP_MAX_SLOT
+REPLY_MAX = lib.FP_REPLY_MAX
+HIST_BUCKETS = lib.FP_HIST_BUCKETS
+ICMP_TTL = lib.FP_ICMP_TTL
+DEFAULT_PORT = lib.FP_DEFAULT_PORT
+
+__all__ = [
+    "DROP",
+    "DROP_REASONS",
+    "FORWARD",
+    "REPLY",
+    "SYSCALL_KINDS",
+    "Context",
+    "Decision",
+    "Pump",
+    "Routes",
+    "checksum",
+    "egress",
+    "ingress",
+]
+
+assert len(DROP_REASONS) == lib.FP_DROP_REASONS and len(SYSCALL_KINDS) == lib.FP_SYS_KINDS
+
+
+def _oserror(rc: int) -> OSError:
+    return OSError(-rc, os.strerror(-rc))
+
+
+def _check_prefix(net: int, prefix_len: int) -> None:
+    if not 0 <= net <= 0xFFFFFFFF or not 0 <= prefix_len <= 32:
+        raise ValueError(f"bad route {net:#x}/{prefix_len}: address or length out of range")
+
+
+class Routes:
+    """Route table (C): IPv4 prefix -> (peer IP, peer UDP port), longest-prefix match.
+
+    Addresses are integers in host order. Change it only from the thread that runs the
+    pumps (the event-loop thread): cffi releases the GIL during C calls.
+    """
+
+    def __init__(self) -> None:
+        rt = lib.fp_routes_new()
+        if rt == ffi.NULL:
+            raise MemoryError("fp_routes_new")
+        self._rt = ffi.gc(rt, lib.fp_routes_free)
+
+    def set(self, net: int, prefix_len: int, peer_ip: int, peer_port: int) -> bool:
+        """Add or replace a route; True if it replaced one."""
+        if not 0 <= peer_port <= 0xFFFF or not 0 <= peer_ip <= 0xFFFFFFFF:
+            raise ValueError("peer address out of range")
+        _check_prefix(net, prefix_len)
+        rc = lib.fp_routes_set(self._rt, net, prefix_len, peer_ip, peer_port)
+        if rc == -errno.EINVAL:
+            raise ValueError(f"bad route {net:#x}/{prefix_len}: host bits set")
+        if rc < 0:
+            raise _oserror(rc)
+        return rc == 1
+
+    def delete(self, net: int, prefix_len: int) -> None:
+        _check_prefix(net, prefix_len)
+        rc = lib.fp_routes_del(self._rt, net, prefix_len)
+        if rc == -errno.EINVAL:
+            raise ValueError(f"bad route {net:#x}/{prefix_len}: host bits set")
+        if rc == -errno.ENOENT:
+            raise KeyError((net, prefix_len))
+        if rc < 0:
+            raise _oserror(rc)
+
+    def lookup(self, addr: int) -> tuple[int, tuple[int, int]] | None:
+        if not 0 <= addr <= 0xFFFFFFFF:
+            raise ValueError("address out of range")
+        hop = ffi.new("fp_hop *")
+        rc = lib.fp_routes_lookup(self._rt, addr, hop)
+        if rc < 0:
+            return None
+        return rc, (hop.ip, hop.port)
+
+    def __len__(self) -> int:
+        return int(lib.fp_routes_count(self._rt))
+
+
+def _dir_stats(d: Any) -> dict[str, Any]:
+    return {
+        "rx_packets": d.rx_packets,
+        "rx_bytes": d.rx_bytes,
+        "tx_packets": d.tx_packets,
+        "tx_bytes": d.tx_bytes,
+        "drops": {name: d.drops[i] for i, name in enumerate(DROP_REASONS)},
+        "batches": d.batches,
+        "batch_hist": [d.batch_hist[i] for i in range(HIST_BUCKETS)],
+    }
+
+
+class Context:
+    """Forwarding context (C): configuration, ICMP token bucket and counters."""
+
+    def __init__(
+        self,
+        local_ip: int,
+        mtu: int,
+        per_packet: bool = False,
+        icmp_rate: int = 1000,
+        icmp_burst: int = 100,
+    ) -> None:
+        self._cx = ffi.new("fp_ctx *")
+        rc = lib.fp_ctx_init(self._cx, local_ip, mtu, int(per_packet), icmp_rate, icmp_burst)
+        if rc < 0:
+            raise ValueError(f"mtu {mtu} outside 68..65535")
+        self.local_ip = local_ip
+        self.mtu = mtu
+        self.per_packet = per_packet
+
+    def stats(self) -> dict[str, Any]:
+        s = self._cx.stats
+        return {
+            "egress": _dir_stats(s.egress),
+            "ingress": _dir_stats(s.ingress),
+            "icmp_unreachable": s.icmp_unreachable,
+            "icmp_time_exceeded": s.icmp_time_exceeded,
+            "icmp_ratelimited": s.icmp_ratelimited,
+            "syscalls": {name: s.syscalls[i] for i, name in enumerate(SYSCALL_KINDS)},
+        }
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """RFC 1071 Internet checksum, folded and complemented (0 over a valid header)."""
+    return int(lib.fp_checksum(ffi.from_buffer(data), len(data)))
+
+
+def _decide(
+    fn: Any, args: tuple[Any, ...], pkt: bytearray, with_hop: bool, now_ns: int
+) -> Decision:
+    buf = ffi.from_buffer(pkt, require_writable=True)
+    length = ffi.new("uint32_t *", len(pkt))
+    reply = ffi.new("uint8_t[]", REPLY_MAX)
+    reply_len = ffi.new("uint32_t *", 0)
+    if with_hop:
+        hop = ffi.new("fp_hop *")
+        v = fn(*args, buf, length, now_ns, hop, reply, reply_len)
+    else:
+        v = fn(*args, buf, length, now_ns, reply, reply_len)
+    return Decision(
+        v,
+        length[0],
+        (hop.ip, hop.port) if with_hop and v == FORWARD else None,
+        bytes(ffi.buffer(reply, reply_len[0])) if v == REPLY else None,
+    )
+
+
+def egress(cx: Context, routes: Routes, pkt: bytearray, now_ns: int) -> Decision:
+    """Decide one packet read from the TUN; modifies ``pkt`` in place (TTL, checksum)."""
+    return _decide(lib.fp_egress, (cx._cx, routes._rt), pkt, True, now_ns)
+
+
+def ingress(cx: Context, pkt: bytearray, now_ns: int) -> Decision:
+    """Decide one packet received over UDP; modifies ``pkt`` in place (TTL, checksum)."""
+    return _decide(lib.fp_ingress, (cx._cx,), pkt, False, now_ns)
+
+
+class Pump:
+    """Both directions of the data plane for one TUN fd and one UDP socket (C pumps).
+
+    Owns two batch arenas of ``batch`` slots each; a slot holds the largest IPv4 packet, so a
+    datagram over the MTU is seen whole and dropped as ``oversize``, never cut.
+    """
+
+    def __init__(
+        self, cx: Context, routes: Routes, tun_fd: int, udp_sock: socket.socket, batch: int = 64
+    ) -> None:
+        if not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch must be 1..{MAX_BATCH}")
+        self.cx = cx
+        self.routes = routes
+        self.tun_fd = tun_fd
+        self.udp_sock = udp_sock
+        self._udp_fd = udp_sock.fileno()
+        self._arenas = [bytearray(batch * MAX_SLOT) for _ in range(2)]
+        self._batches = []
+        for arena in self._arenas:
+            b = ffi.new("fp_batch *")
+            b.arena = ffi.from_buffer("uint8_t[]", arena, require_writable=True)
+            b.slot_size = MAX_SLOT
+            b.nslots = batch
+            self._batches.append((b, b.arena))  # keep the cdata buffer alive with the struct
+        self._egress_batch = self._batches[0][0]
+        self._ingress_batch = self._batches[1][0]
+
+    def tun_to_udp(self, budget: int) -> int:
+        """Forward up to ``budget`` packets from the TUN to their peers; returns packets taken."""
+        rc = lib.fp_tun_to_udp(
+            self.cx._cx, self.routes._rt, self._egress_batch, self.tun_fd, self._udp_fd, budget
+        )
+        if rc < 0:
+            raise _oserror(rc)
+        return int(rc)
+
+    def udp_to_tun(self, budget: int) -> int:
+        """Forward up to ``budget`` datagrams from the UDP socket into the TUN."""
+        rc = lib.fp_udp_to_tun(self.cx._cx, self._ingress_batch, self._udp_fd, self.tun_fd, budget)
+        if rc < 0:
+            raise _oserror(rc)
+        return int(rc)

@@ -1,0 +1,101 @@
+"""The TUN device: open /dev/net/tun (IFF_TUN|IFF_NO_PI, non-blocking) and configure it as
+flannel's UDP backend does (<subnet address>/32, MTU, up, one route for the whole network).
+The only code that needs CAP_NET_ADMIN; it knows nothing of packets, peers or etcd.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import os
+import struct
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+TUN_DEVICE = "/dev/net/tun"
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFNAMSIZ = 16
+# The TUN queue between the kernel and our reads; the kernel default (500) drops bursts that a
+# batched reader would take in a moment later.
+TXQUEUELEN = 1000
+
+
+class TunError(RuntimeError):
+    """The TUN device could not be created or configured (message says why, in one line)."""
+
+
+@dataclass
+class Tun:
+    fd: int
+    name: str
+    index: int
+
+    def close(self) -> None:
+        """Close the fd; the device is not persistent, so the kernel removes it and its route."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_tun(name: str) -> tuple[int, str]:
+    """Create (or attach to) TUN ``name``; returns a non-blocking, close-on-exec fd and the
+    name the kernel gave (``name`` may hold ``%d``)."""
+    if len(name.encode()) >= IFNAMSIZ:
+        raise TunError(f"TUN name {name!r} is longer than {IFNAMSIZ - 1} bytes")
+    if not os.path.exists(TUN_DEVICE):
+        raise TunError(f"{TUN_DEVICE} is missing (containers need --device {TUN_DEVICE})")
+    try:
+        fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except PermissionError as e:
+        raise TunError(f"cannot open {TUN_DEVICE}: {e.strerror} (run as root)") from None
+    try:
+        ifr = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    except OSError as e:
+        os.close(fd)
+        hint = " (needs CAP_NET_ADMIN: run as root)" if e.errno == 1 else ""
+        raise TunError(f"cannot create TUN device {name}: {e.strerror}{hint}") from None
+    return fd, ifr[:IFNAMSIZ].rstrip(b"\0").decode()
+
+
+def _disable_ipv6(name: str) -> None:
+    # Without this the kernel sends router solicitations and MLD reports into the data path.
+    path = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+    except OSError:
+        pass  # a kernel without IPv6: nothing to silence
+
+
+def create_tun(
+    name: str,
+    address: ipaddress.IPv4Address,
+    network: ipaddress.IPv4Network,
+    mtu: int,
+) -> Tun:
+    """Open and configure the TUN: ``address``/32, ``mtu``, txqueuelen, IPv6 off, up, and a
+    route for ``network`` through it (an existing identical route is fine)."""
+    fd, real = open_tun(name)
+    try:
+        with IPRoute() as ipr:
+            index = ipr.link_lookup(ifname=real)[0]
+            _disable_ipv6(real)
+            ipr.link("set", index=index, mtu=mtu, txqlen=TXQUEUELEN)
+            ipr.addr("add", index=index, address=str(address), prefixlen=32)
+            ipr.link("set", index=index, state="up")
+            try:
+                ipr.route("add", dst=str(network), oif=index)
+            except NetlinkError as e:
+                if e.code != 17:  # EEXIST
+                    raise
+    except NetlinkError as e:
+        os.close(fd)
+        raise TunError(f"cannot configure {real}: {os.strerror(e.code)}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return Tun(fd, real, index)
