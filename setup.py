@@ -1,4 +1,5 @@
-# cffi hooks into setuptools only through setup(cffi_modules=...); everything else is in pyproject.toml.
+# cffi hooks into setuptools only through setup(cffi_modules=...);
+# everything else is in pyproject.toml.
 from setuptools import setup
 
 setup(cffi_modules=["csrc/build.py:ffibuilder"])

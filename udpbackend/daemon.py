@@ -6,6 +6,7 @@ SIGTERM/SIGINT and takes it down again.  Per-packet work never happens here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import json
@@ -49,7 +50,9 @@ class RunOptions:
 
 def open_udp_socket(address: ipaddress.IPv4Address, port: int) -> socket.socket:
     """Non-blocking UDP socket bound to address:port with large buffers."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    s = socket.socket(
+        socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+    )
     try:
         for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # *BUFFORCE
             try:
@@ -82,9 +85,7 @@ def make_pump(cfg: NodeConfig, mtu: int, tun_fd: int, sock: socket.socket, batch
         routes = fastpath.Routes()
         pump_cls = fastpath.Pump
     for p in cfg.peers:
-        routes.set(
-            int(p.subnet.network_address), p.subnet.prefixlen, int(p.public_ip), cfg.port
-        )
+        routes.set(int(p.subnet.network_address), p.subnet.prefixlen, int(p.public_ip), cfg.port)
     return pump_cls(cx, routes, tun_fd, sock, batch=batch)
 
 
@@ -152,21 +153,27 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         assert self.tun and self.sock and self.ext
-        self.forwarder = Forwarder(loop, self.pump, self.tun.fd, self.sock.fileno(), on_error=on_error)
+        self.forwarder = Forwarder(
+            loop, self.pump, self.tun.fd, self.sock.fileno(), on_error=on_error
+        )
         self.forwarder.start()
         log.info(
             "ready: %s %s/32 mtu %d, udp %s:%d on %s, mode %s, %d routes",
-            self.tun.name, self.cfg.tun_address, self.mtu, self.ext.address, self.cfg.port,
-            self.ext.name, self.cfg.mode, len(self.pump.routes),
+            self.tun.name,
+            self.cfg.tun_address,
+            self.mtu,
+            self.ext.address,
+            self.cfg.port,
+            self.ext.name,
+            self.cfg.mode,
+            len(self.pump.routes),
         )
         try:
             while not stop.is_set():
                 if self.opts.stats_file:
                     write_stats(self.opts.stats_file, self.stats_doc())
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), STATS_INTERVAL)
-                except TimeoutError:
-                    pass
         finally:
             self.forwarder.stop()
             if self.opts.stats_file:
