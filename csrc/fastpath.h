@@ -20,6 +20,7 @@
 #define FP_MAX_SLOT 65536        /* largest useful slot: an IPv4 packet is <= 65535 bytes */
 #define FP_REPLY_MAX 96          /* largest ICMP error we build: 20 + 8 + 60 (hdr) + 8 */
 #define FP_ICMP_TTL 8            /* TTL of generated ICMP errors (flannel uses 8) */
+#define FP_GSO_MAX_SEGS 64       /* datagrams per UDP_SEGMENT message (the kernel's limit before 6.11) */
 
 /* Verdicts of fp_egress / fp_ingress. */
 #define FP_FORWARD 0             /* pass pkt[0:*len] on (to hop / into the TUN) */
@@ -68,6 +69,8 @@ typedef struct {
     uint64_t icmp_unreachable;   /* ICMP dest-unreachable (3/0) replies built */
     uint64_t icmp_time_exceeded; /* ICMP time-exceeded (11/0) replies built */
     uint64_t icmp_ratelimited;   /* replies suppressed by the token bucket */
+    uint64_t gso_sends;          /* egress: messages that carried several datagrams (UDP_SEGMENT) */
+    uint64_t gro_receives;       /* ingress: receives that held several datagrams (UDP_GRO) */
     uint64_t syscalls[FP_SYS_KINDS];
 } fp_stats;
 
@@ -78,6 +81,11 @@ typedef struct {
     uint32_t local_ip;           /* the TUN's address: source of generated ICMP errors */
     uint32_t mtu;                /* largest packet accepted in either direction */
     uint32_t per_packet;         /* 1: one read + one sendto per packet (flannel's loop); 0: batched */
+    uint32_t udp_gso;            /* batched: coalesce runs of equal-size packets to one peer into one
+                                  * UDP_SEGMENT message (set by fp_udp_offloads; cleared if the
+                                  * kernel refuses with EIO) */
+    uint32_t udp_gro;            /* batched: the socket has UDP_GRO on, a receive may hold several
+                                  * datagrams of one size (set by fp_udp_offloads) */
     uint32_t icmp_rate;          /* ICMP errors per second refilled into the bucket; 0: never send */
     uint32_t icmp_burst;         /* bucket capacity */
     uint32_t icmp_tokens;        /* state: tokens left */
@@ -123,6 +131,15 @@ int fp_routes_count(const fp_routes *rt);
 int fp_ctx_init(fp_ctx *cx, uint32_t local_ip, uint32_t mtu, uint32_t per_packet,
                 uint32_t icmp_rate, uint32_t icmp_burst);
 
+/* Probe and switch on UDP segmentation offloads for udp_fd: want is a mask of
+ * FP_OFFLOAD_GSO | FP_OFFLOAD_GRO; returns the mask actually enabled (>= 0) and sets
+ * cx->udp_gso / cx->udp_gro accordingly.  Never enabled in per_packet mode.  Either way every
+ * datagram on the wire still carries exactly one IPv4 packet: GSO segments before the wire,
+ * GRO merges after it. */
+#define FP_OFFLOAD_GSO 1
+#define FP_OFFLOAD_GRO 2
+int fp_udp_offloads(fp_ctx *cx, int udp_fd, uint32_t want);
+
 /* Internet checksum (RFC 1071) of buf[0:len], folded and complemented: 0 over a valid header. */
 uint16_t fp_checksum(const uint8_t *buf, uint32_t len);
 
@@ -156,10 +173,14 @@ int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
  *      batch read without vnet headers);
  *   2. fp_egress on each: FORWARD -> queued with its own next hop; REPLY -> written back
  *      into tun_fd (delivered to the local sender);
- *   3. one sendmmsg for the queued packets (per_packet: one sendto each).  A socket that
- *      stays full for 5 ms, or refuses a packet, costs a FP_DROP_TX_ERROR per packet.
+ *   3. one sendmmsg for the queued packets (per_packet: one sendto each); with udp_gso, each
+ *      run of consecutive packets to one peer, all of one size but the last (which may be
+ *      shorter), is one message with a UDP_SEGMENT control message (at most FP_GSO_MAX_SEGS
+ *      datagrams and 65507 bytes).  A socket that stays full for 5 ms, or refuses a packet,
+ *      costs a FP_DROP_TX_ERROR per packet.
  * fp_udp_to_tun (ingress), one round:
- *   1. one recvmmsg of up to nslots datagrams (per_packet: one recvfrom);
+ *   1. one recvmmsg of up to nslots datagrams (per_packet: one recvfrom); with udp_gro a
+ *      message may hold several datagrams of the size the kernel reports, split here;
  *   2. fp_ingress on each: FORWARD -> one write into tun_fd each; REPLY (time exceeded) ->
  *      sendto the datagram's source address. */
 int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int udp_fd, int budget);

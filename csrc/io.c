@@ -14,6 +14,7 @@
 #define _GNU_SOURCE
 #include <sys/socket.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <poll.h>
 #include <time.h>
 #include <unistd.h>
@@ -21,6 +22,42 @@
 #include "internal.h"
 
 #define SEND_WAIT_MS 5
+#define UDP_MAX_PAYLOAD 65507    /* 65535 - 20 (IPv4) - 8 (UDP) */
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+
+typedef union {
+    char buf[CMSG_SPACE(sizeof(int))];
+    struct cmsghdr align;
+} ctrl_t;
+
+int fp_udp_offloads(fp_ctx *cx, int udp_fd, uint32_t want)
+{
+    uint32_t got = 0;
+    cx->udp_gso = cx->udp_gro = 0;
+    if (cx->per_packet)
+        return 0;
+    if (want & FP_OFFLOAD_GSO) {
+        int v = 0;
+        socklen_t l = sizeof(v);
+        if (getsockopt(udp_fd, SOL_UDP, UDP_SEGMENT, &v, &l) == 0) {
+            cx->udp_gso = 1;
+            got |= FP_OFFLOAD_GSO;
+        }
+    }
+    if (want & FP_OFFLOAD_GRO) {
+        int one = 1;
+        if (setsockopt(udp_fd, SOL_UDP, UDP_GRO, &one, sizeof(one)) == 0) {
+            cx->udp_gro = 1;
+            got |= FP_OFFLOAD_GRO;
+        }
+    }
+    return (int)got;
+}
 
 static uint64_t now_ns(void)
 {
@@ -93,8 +130,10 @@ static int tun_write(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len)
     return -1;
 }
 
-/* sendmmsg everything in msgs[0:n], retrying partial sends; returns packets that failed. */
-static uint32_t send_batch(fp_ctx *cx, int fd, struct mmsghdr *msgs, uint32_t n, fp_dir_stats *st)
+/* sendmmsg everything in msgs[0:n] (message k carries pkts[k] datagrams), retrying partial
+ * sends; counts what went out and returns the datagrams that did not. */
+static uint32_t send_batch(fp_ctx *cx, int fd, struct mmsghdr *msgs, const uint32_t *pkts,
+                           uint32_t n, fp_dir_stats *st)
 {
     uint32_t done = 0, failed = 0;
     int waited = 0;
@@ -103,27 +142,79 @@ static uint32_t send_batch(fp_ctx *cx, int fd, struct mmsghdr *msgs, uint32_t n,
         int r = sendmmsg(fd, msgs + done, n - done, MSG_DONTWAIT);
         if (r > 0) {
             for (int i = 0; i < r; i++) {
-                st->tx_packets++;
-                st->tx_bytes += msgs[done + i].msg_hdr.msg_iov->iov_len;
+                st->tx_packets += pkts[done + i];
+                st->tx_bytes += msgs[done + i].msg_len;
+                if (pkts[done + i] > 1)
+                    cx->stats.gso_sends++;
             }
             done += (uint32_t)r;
             waited = 0;
-        } else if (r < 0 && errno == EINTR) {
             continue;
-        } else if (r < 0 && errno == EAGAIN && !waited) {
-            waited = 1;
-            if (!wait_writable(cx, fd))
-                break;
-        } else {
-            /* The first remaining message was refused (EMSGSIZE, ENETUNREACH, EPERM from a
-             * firewall...) or the socket stayed full: drop that one and go on. */
-            if (r < 0 && errno == EAGAIN)
-                break;
-            failed++;
-            done++;
         }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN && !waited) {
+            waited = 1;
+            if (wait_writable(cx, fd))
+                continue;
+        }
+        if (errno == EAGAIN)
+            break;
+        /* The first remaining message was refused (EMSGSIZE, ENETUNREACH, EPERM from a
+         * firewall, EIO from a device without checksum offload under UDP_SEGMENT): drop it,
+         * stop coalescing if GSO was the cause, go on with the rest. */
+        if (errno == EIO && pkts[done] > 1)
+            cx->udp_gso = 0;
+        failed += pkts[done];
+        done++;
     }
-    return failed + (n - done);
+    while (done < n)
+        failed += pkts[done++];
+    return failed;
+}
+
+static int same_hop(const struct sockaddr_in *a, const struct sockaddr_in *b)
+{
+    return a->sin_addr.s_addr == b->sin_addr.s_addr && a->sin_port == b->sin_port;
+}
+
+/* Turn the nsend queued datagrams into messages: one each, or with udp_gso one per run of
+ * consecutive datagrams to one peer, all of one size but a shorter last one. */
+static uint32_t build_msgs(fp_ctx *cx, struct iovec *iov, struct sockaddr_in *to, uint32_t nsend,
+                           struct mmsghdr *msgs, uint32_t *pkts, ctrl_t *ctrl)
+{
+    uint32_t nmsg = 0;
+    for (uint32_t i = 0; i < nsend;) {
+        uint32_t j = i + 1;
+        size_t seg = iov[i].iov_len, bytes = seg;
+        if (cx->udp_gso) {
+            while (j < nsend && j - i < FP_GSO_MAX_SEGS && same_hop(&to[j], &to[i])
+                   && iov[j].iov_len <= seg && bytes + iov[j].iov_len <= UDP_MAX_PAYLOAD) {
+                bytes += iov[j].iov_len;
+                if (iov[j++].iov_len < seg)
+                    break;
+            }
+        }
+        struct msghdr *h = &msgs[nmsg].msg_hdr;
+        memset(&msgs[nmsg], 0, sizeof(msgs[nmsg]));
+        h->msg_iov = &iov[i];
+        h->msg_iovlen = j - i;
+        h->msg_name = &to[i];
+        h->msg_namelen = sizeof(to[i]);
+        if (j - i > 1) {
+            h->msg_control = ctrl[nmsg].buf;
+            h->msg_controllen = CMSG_SPACE(sizeof(uint16_t));
+            struct cmsghdr *c = CMSG_FIRSTHDR(h);
+            c->cmsg_level = SOL_UDP;
+            c->cmsg_type = UDP_SEGMENT;
+            c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            uint16_t gso = (uint16_t)seg;
+            memcpy(CMSG_DATA(c), &gso, sizeof(gso));
+        }
+        pkts[nmsg++] = j - i;
+        i = j;
+    }
+    return nmsg;
 }
 
 int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int udp_fd, int budget)
@@ -135,6 +226,8 @@ int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int 
     struct mmsghdr msgs[FP_MAX_BATCH];
     struct iovec iov[FP_MAX_BATCH];
     struct sockaddr_in to[FP_MAX_BATCH];
+    uint32_t pkts[FP_MAX_BATCH];
+    ctrl_t ctrl[FP_MAX_BATCH];
     uint8_t reply[FP_REPLY_MAX];
     uint32_t want_max = cx->per_packet ? 1 : b->nslots;
     int total = 0;
@@ -164,11 +257,6 @@ int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int 
                 iov[nsend].iov_base = slot;
                 iov[nsend].iov_len = len;
                 set_addr(&to[nsend], hop.ip, hop.port);
-                memset(&msgs[nsend], 0, sizeof(msgs[nsend]));
-                msgs[nsend].msg_hdr.msg_iov = &iov[nsend];
-                msgs[nsend].msg_hdr.msg_iovlen = 1;
-                msgs[nsend].msg_hdr.msg_name = &to[nsend];
-                msgs[nsend].msg_hdr.msg_namelen = sizeof(to[nsend]);
                 nsend++;
             } else if (v == FP_REPLY) {
                 if (tun_write(cx, tun_fd, reply, rlen) < 0)
@@ -189,13 +277,48 @@ int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int 
                 }
             }
         } else if (nsend) {
-            st->drops[FP_DROP_TX_ERROR] += send_batch(cx, udp_fd, msgs, nsend, st);
+            uint32_t nmsg = build_msgs(cx, iov, to, nsend, msgs, pkts, ctrl);
+            st->drops[FP_DROP_TX_ERROR] += send_batch(cx, udp_fd, msgs, pkts, nmsg, st);
         }
         total += (int)n;
         if (n < want || rerr)
             break;
     }
     return total;
+}
+
+/* One datagram received over UDP: decide, then into the TUN or a reply to its sender. */
+static void ingress_one(fp_ctx *cx, fp_dir_stats *st, uint8_t *pkt, uint32_t len, uint64_t now,
+                        const struct sockaddr_in *from, int udp_fd, int tun_fd)
+{
+    uint8_t reply[FP_REPLY_MAX];
+    uint32_t rlen = 0;
+    st->rx_packets++;
+    st->rx_bytes += len;
+    int v = fp_ingress(cx, pkt, &len, now, reply, &rlen);
+    if (v == FP_FORWARD) {
+        if (tun_write(cx, tun_fd, pkt, len) == 0) {
+            st->tx_packets++;
+            st->tx_bytes += len;
+        } else {
+            st->drops[FP_DROP_TX_ERROR]++;
+        }
+    } else if (v == FP_REPLY) {
+        if (send_one(cx, udp_fd, reply, rlen, from) < 0)
+            st->drops[FP_DROP_TX_ERROR]++;
+    }
+}
+
+static uint32_t gro_size(struct msghdr *h)
+{
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c; c = CMSG_NXTHDR(h, c)) {
+        if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
+            int v;
+            memcpy(&v, CMSG_DATA(c), sizeof(v));
+            return v > 0 ? (uint32_t)v : 0;
+        }
+    }
+    return 0;
 }
 
 int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget)
@@ -207,7 +330,7 @@ int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget)
     struct mmsghdr msgs[FP_MAX_BATCH];
     struct iovec iov[FP_MAX_BATCH];
     struct sockaddr_in from[FP_MAX_BATCH];
-    uint8_t reply[FP_REPLY_MAX];
+    ctrl_t ctrl[FP_MAX_BATCH];
     uint32_t want_max = cx->per_packet ? 1 : b->nslots;
     int total = 0;
 
@@ -223,8 +346,10 @@ int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget)
                              (struct sockaddr *)&from[0], &alen);
             } while (r < 0 && errno == EINTR);
             n = r < 0 ? -1 : 1;
-            if (r >= 0)
+            if (r >= 0) {
+                memset(&msgs[0], 0, sizeof(msgs[0]));
                 msgs[0].msg_len = (unsigned)r;
+            }
         } else {
             for (uint32_t i = 0; i < want; i++) {
                 iov[i].iov_base = b->arena + (size_t)i * b->slot_size;
@@ -234,6 +359,10 @@ int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget)
                 msgs[i].msg_hdr.msg_iovlen = 1;
                 msgs[i].msg_hdr.msg_name = &from[i];
                 msgs[i].msg_hdr.msg_namelen = sizeof(from[i]);
+                if (cx->udp_gro) {
+                    msgs[i].msg_hdr.msg_control = ctrl[i].buf;
+                    msgs[i].msg_hdr.msg_controllen = sizeof(ctrl[i].buf);
+                }
             }
             do {
                 cx->stats.syscalls[FP_SYS_RECVMMSG]++;
@@ -247,35 +376,35 @@ int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget)
         }
         if (n == 0)
             break;
-        count_batch(st, (uint32_t)n);
         uint64_t now = now_ns();
+        uint32_t taken = 0;
         for (int i = 0; i < n; i++) {
             uint8_t *slot = b->arena + (size_t)i * b->slot_size;
-            /* MSG_TRUNC: recvfrom reports the real length; recvmmsg flags the message.  A slot
-             * is at least mtu + 1 bytes, so a cut datagram is always also over the MTU. */
             uint32_t len = msgs[i].msg_len;
-            int cut = len > b->slot_size || (!cx->per_packet && (msgs[i].msg_hdr.msg_flags & MSG_TRUNC));
-            st->rx_packets++;
-            st->rx_bytes += len;
-            if (cut) {
+            /* A slot is at least mtu + 1 bytes, so a datagram cut by the kernel (MSG_TRUNC;
+             * recvfrom reports the real length) is always also over the MTU: never written. */
+            if (len > b->slot_size || (msgs[i].msg_hdr.msg_flags & MSG_TRUNC)) {
+                st->rx_packets++;
+                st->rx_bytes += len;
                 st->drops[FP_DROP_OVERSIZE]++;
+                taken++;
                 continue;
             }
-            uint32_t rlen = 0;
-            int v = fp_ingress(cx, slot, &len, now, reply, &rlen);
-            if (v == FP_FORWARD) {
-                if (tun_write(cx, tun_fd, slot, len) == 0) {
-                    st->tx_packets++;
-                    st->tx_bytes += len;
-                } else {
-                    st->drops[FP_DROP_TX_ERROR]++;
-                }
-            } else if (v == FP_REPLY) {
-                if (send_one(cx, udp_fd, reply, rlen, &from[i]) < 0)
-                    st->drops[FP_DROP_TX_ERROR]++;
+            uint32_t seg = cx->udp_gro ? gro_size(&msgs[i].msg_hdr) : 0;
+            if (seg == 0 || seg >= len) {
+                ingress_one(cx, st, slot, len, now, &from[i], udp_fd, tun_fd);
+                taken++;
+                continue;
+            }
+            cx->stats.gro_receives++;
+            for (uint32_t off = 0; off < len; off += seg) {
+                uint32_t l = len - off < seg ? len - off : seg;
+                ingress_one(cx, st, slot + off, l, now, &from[i], udp_fd, tun_fd);
+                taken++;
             }
         }
-        total += n;
+        count_batch(st, taken);
+        total += (int)taken;
         if ((uint32_t)n < want)
             break;
     }

@@ -33,17 +33,33 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--network", required=True, help="the overlay network, e.g. 10.5.0.0/16")
     r.add_argument("--subnet", required=True, help="this node's subnet, e.g. 10.5.52.0/24")
     r.add_argument(
-        "--peer", action="append", default=[], metavar="SUBNET=PUBLIC_IP",
+        "--peer",
+        action="append",
+        default=[],
+        metavar="SUBNET=PUBLIC_IP",
         help="a peer node's subnet and underlay address (repeatable)",
     )
     r.add_argument("--peers-file", help="file of SUBNET=PUBLIC_IP lines (# comments)")
-    r.add_argument("--iface", help="external interface (name or IPv4 address); "
-                   "default: the interface of the default route")
+    r.add_argument(
+        "--iface",
+        help="external interface (name or IPv4 address); "
+        "default: the interface of the default route",
+    )
     r.add_argument("--public-ip", help="underlay address peers use for this node")
     r.add_argument("--port", type=int, default=DEFAULT_PORT, help="UDP port (default %(default)s)")
-    r.add_argument("--mode", default="batched", choices=MODES,
-                   help="data plane: batched C (default), per-packet C (flannel's loop), "
-                   "python (the pure-Python twin)")
+    r.add_argument(
+        "--mode",
+        default="batched",
+        choices=MODES,
+        help="data plane: batched C (default), per-packet C (flannel's loop), "
+        "python (the pure-Python twin)",
+    )
+    r.add_argument(
+        "--offload",
+        default="auto",
+        choices=("auto", "off"),
+        help="UDP GSO/GRO in batched mode: auto (where the kernel has them) or off",
+    )
     r.add_argument("--tun-name", default="flannel0", help="TUN device name (default %(default)s)")
     r.add_argument("--subnet-file", help="write flannel's subnet.env here")
     r.add_argument("--stats-file", help="keep the data-plane counters here as JSON (every 1 s)")
@@ -70,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
         public_ip=parse_ip(args.public_ip, "--public-ip") if args.public_ip else None,
         stats_file=args.stats_file,
         subnet_file=args.subnet_file,
+        offload=args.offload == "auto",
     )
     if os.geteuid() != 0:
         raise StartupError("must run as root: creating the TUN device needs CAP_NET_ADMIN")

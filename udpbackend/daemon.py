@@ -46,6 +46,7 @@ class RunOptions:
     stats_file: str | None = None
     subnet_file: str | None = None
     batch: int = packet.MAX_BATCH
+    offload: bool = True  # --offload auto: UDP GSO/GRO where the kernel has them
 
 
 def open_udp_socket(address: ipaddress.IPv4Address, port: int) -> socket.socket:
@@ -70,7 +71,9 @@ def open_udp_socket(address: ipaddress.IPv4Address, port: int) -> socket.socket:
     return s
 
 
-def make_pump(cfg: NodeConfig, mtu: int, tun_fd: int, sock: socket.socket, batch: int) -> Any:
+def make_pump(
+    cfg: NodeConfig, mtu: int, tun_fd: int, sock: socket.socket, batch: int, offload: bool
+) -> Any:
     """The data plane for cfg.mode, with a route per peer: C batched, C per-packet, or the
     pure-Python twin."""
     local_ip = int(cfg.tun_address)
@@ -86,6 +89,14 @@ def make_pump(cfg: NodeConfig, mtu: int, tun_fd: int, sock: socket.socket, batch
         pump_cls = fastpath.Pump
     for p in cfg.peers:
         routes.set(int(p.subnet.network_address), p.subnet.prefixlen, int(p.public_ip), cfg.port)
+    if cfg.mode == "batched":
+        pump = pump_cls(cx, routes, tun_fd, sock, batch=batch, offload=offload)
+        on = [name for name, ok in pump.offloads.items() if ok]
+        off = [name for name, ok in pump.offloads.items() if not ok]
+        if offload and off:
+            log.info("offloads refused by the kernel, left off: %s", ", ".join(off))
+        log.debug("offloads on: %s", ", ".join(on) or "none")
+        return pump
     return pump_cls(cx, routes, tun_fd, sock, batch=batch)
 
 
@@ -118,7 +129,7 @@ class Node:
             raise StartupError(f"interface {self.ext.name} MTU {self.ext.mtu} is too small")
         self.sock = open_udp_socket(self.ext.address, cfg.port)
         self.tun = create_tun(opts.tun_name, cfg.tun_address, cfg.network, self.mtu)
-        self.pump = make_pump(cfg, self.mtu, self.tun.fd, self.sock, opts.batch)
+        self.pump = make_pump(cfg, self.mtu, self.tun.fd, self.sock, opts.batch, opts.offload)
         if opts.subnet_file:
             write_subnet_env(
                 opts.subnet_file, format_subnet_env(cfg.network, cfg.subnet, self.mtu, False)
@@ -130,6 +141,7 @@ class Node:
             "routes": len(self.pump.routes),
             "tun": self.tun.name if self.tun else None,
             "mtu": self.mtu,
+            "offloads": getattr(self.pump, "offloads", {}),
             "stats": self.pump.cx.stats(),
         }
 

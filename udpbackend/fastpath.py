@@ -139,6 +139,8 @@ class Context:
             "icmp_unreachable": s.icmp_unreachable,
             "icmp_time_exceeded": s.icmp_time_exceeded,
             "icmp_ratelimited": s.icmp_ratelimited,
+            "gso_sends": s.gso_sends,
+            "gro_receives": s.gro_receives,
             "syscalls": {name: s.syscalls[i] for i, name in enumerate(SYSCALL_KINDS)},
         }
 
@@ -186,10 +188,23 @@ class Pump:
     """
 
     def __init__(
-        self, cx: Context, routes: Routes, tun_fd: int, udp_sock: socket.socket, batch: int = 64
+        self,
+        cx: Context,
+        routes: Routes,
+        tun_fd: int,
+        udp_sock: socket.socket,
+        batch: int = 64,
+        offload: bool = False,
     ) -> None:
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be 1..{MAX_BATCH}")
+        # UDP GSO/GRO on the socket (batched mode only): what the kernel refused stays off.
+        want = lib.FP_OFFLOAD_GSO | lib.FP_OFFLOAD_GRO if offload else 0
+        got = lib.fp_udp_offloads(cx._cx, udp_sock.fileno(), want)
+        self.offloads = {
+            "udp_gso": bool(got & lib.FP_OFFLOAD_GSO),
+            "udp_gro": bool(got & lib.FP_OFFLOAD_GRO),
+        }
         self.cx = cx
         self.routes = routes
         self.tun_fd = tun_fd
@@ -214,6 +229,11 @@ class Pump:
         if rc < 0:
             raise _oserror(rc)
         return int(rc)
+
+    @property
+    def gso_active(self) -> bool:
+        """False once the kernel refused a UDP_SEGMENT send (EIO) and coalescing stopped."""
+        return bool(self.cx._cx.udp_gso)
 
     def udp_to_tun(self, budget: int) -> int:
         """Forward up to ``budget`` datagrams from the UDP socket into the TUN."""
