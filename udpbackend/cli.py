@@ -1,6 +1,7 @@
-"""Command line: `udpbackend run` (a node from static flags) and `udpbackend demo`.
-Parses flags, reports every user-facing problem as one line and a non-zero exit code;
-the work itself lives in daemon.py and demo.py.
+"""Command line: `udpbackend run` (a node: from etcd like flanneld, or from static flags) and
+`udpbackend demo`.  flanneld's flag names and defaults, Go-style `-flag` spellings and
+FLANNELD_<NAME> environment variables; every user-facing problem is one line and a non-zero
+exit code.  The work itself lives in daemon.py and demo.py.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import sys
 
 from . import __version__
 from .config import MODES, ConfigError, build_config, parse_ip, parse_peer, read_peers_file
-from .packet import DEFAULT_PORT
 
 log = logging.getLogger("udpbackend")
+
+ENV_PREFIX = "FLANNELD_"
+DEFAULT_ENDPOINTS = "http://127.0.0.1:4001,http://127.0.0.1:2379"
+DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,87 +28,204 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="udpbackend", description="flannel-compatible UDP/TUN overlay data plane")
-    p.add_argument("--version", action="version", version=f"udpbackend {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def parse_bool(text: str) -> bool:
+    """Go's strconv.ParseBool spellings."""
+    t = text.strip().lower()
+    if t in ("1", "t", "true", "yes", "on"):
+        return True
+    if t in ("0", "f", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean")
 
-    r = sub.add_parser("run", help="run a node in the foreground until SIGTERM/SIGINT")
-    r.add_argument("--network", required=True, help="the overlay network, e.g. 10.5.0.0/16")
-    r.add_argument("--subnet", required=True, help="this node's subnet, e.g. 10.5.52.0/24")
-    r.add_argument(
+
+def _bool_flag(p: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
+    # flanneld's booleans: `--x` means true, `--x=false` false
+    p.add_argument(
+        name, nargs="?", const=True, default=default, type=parse_bool, metavar="BOOL", help=help
+    )
+
+
+def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    r = sub.add_parser(
+        "run",
+        help="run a node in the foreground until SIGTERM/SIGINT",
+        description="Without --network: a flanneld-compatible node taking its subnet lease and "
+        "peers from etcd. With --network/--subnet: a static node, peers from --peer. Every "
+        "flag can also be set as FLANNELD_<NAME> (e.g. FLANNELD_ETCD_ENDPOINTS).",
+    )
+    g = r.add_argument_group("etcd (flanneld's flags)")
+    g.add_argument("--etcd-endpoints", default=DEFAULT_ENDPOINTS, help="comma-separated")
+    g.add_argument("--etcd-prefix", default="/coreos.com/network")
+    g.add_argument("--etcd-keyfile", default="", help="TLS client key (with --etcd-certfile)")
+    g.add_argument("--etcd-certfile", default="", help="TLS client certificate")
+    g.add_argument("--etcd-cafile", default="", help="CA of the etcd server's certificate")
+    g.add_argument("--etcd-username", default="")
+    g.add_argument("--etcd-password", default="")
+    g.add_argument(
+        "--subnet-lease-renew-margin",
+        type=int,
+        default=60,
+        metavar="MINUTES",
+        help="renew the lease this long before it expires (1..1439, default %(default)s)",
+    )
+    g = r.add_argument_group("node (flanneld's flags)")
+    g.add_argument(
+        "--iface",
+        action="append",
+        default=[],
+        help="external interface, name or IPv4 address (repeatable); "
+        "default: the interface of the default route",
+    )
+    g.add_argument("--iface-regex", action="append", default=[], help="regex on IPs, then names")
+    g.add_argument("--iface-can-reach", default="", help="the interface that routes to this IP")
+    g.add_argument("--public-ip", default="", help="underlay address peers use for this node")
+    g.add_argument(
+        "--subnet-file",
+        default=None,
+        help=f"write flannel's subnet.env here (default {DEFAULT_SUBNET_FILE} with etcd, "
+        "none in static mode)",
+    )
+    _bool_flag(g, "--ip-masq", False, "masquerade traffic leaving the overlay")
+    _bool_flag(g, "--iptables-forward-rules", True, "accept overlay traffic in FORWARD")
+    g.add_argument("--iptables-resync", type=int, default=5, metavar="SECONDS")
+    g.add_argument("--healthz-ip", default="0.0.0.0")
+    g.add_argument("--healthz-port", type=int, default=0, help="0 disables /healthz and /readyz")
+    g.add_argument("-v", "--v", dest="verbose", type=int, default=0, metavar="LEVEL")
+
+    g = r.add_argument_group("static mode (no etcd)")
+    g.add_argument("--network", help="the overlay network, e.g. 10.5.0.0/16")
+    g.add_argument("--subnet", help="this node's subnet, e.g. 10.5.52.0/24")
+    g.add_argument(
         "--peer",
         action="append",
         default=[],
         metavar="SUBNET=PUBLIC_IP",
         help="a peer node's subnet and underlay address (repeatable)",
     )
-    r.add_argument("--peers-file", help="file of SUBNET=PUBLIC_IP lines (# comments)")
-    r.add_argument(
-        "--iface",
-        help="external interface (name or IPv4 address); "
-        "default: the interface of the default route",
-    )
-    r.add_argument("--public-ip", help="underlay address peers use for this node")
-    r.add_argument("--port", type=int, default=DEFAULT_PORT, help="UDP port (default %(default)s)")
-    r.add_argument(
+    g.add_argument("--peers-file", help="file of SUBNET=PUBLIC_IP lines (# comments)")
+    g.add_argument("--port", type=int, default=None, help="UDP port (default 8285)")
+
+    g = r.add_argument_group("data plane")
+    g.add_argument(
         "--mode",
         default="batched",
         choices=MODES,
-        help="data plane: batched C (default), per-packet C (flannel's loop), "
-        "python (the pure-Python twin)",
+        help="batched C (default), per-packet C (flannel's loop), python (the pure-Python twin)",
     )
-    r.add_argument(
+    g.add_argument(
         "--offload",
         default="auto",
         choices=("auto", "off"),
         help="UDP GSO/GRO in batched mode: auto (where the kernel has them) or off",
     )
-    r.add_argument("--tun-name", default="flannel0", help="TUN device name (default %(default)s)")
-    r.add_argument("--subnet-file", help="write flannel's subnet.env here")
-    r.add_argument("--stats-file", help="keep the data-plane counters here as JSON (every 1 s)")
-    r.add_argument("-v", "--verbose", action="count", default=0)
+    g.add_argument("--tun-name", default="flannel0", help="TUN device name (default %(default)s)")
+    g.add_argument("--stats-file", help="keep the data-plane counters here as JSON (every 1 s)")
+    return r
 
-    d = sub.add_parser("demo", help="two nodes in network namespaces: ping and throughput")
+
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    p = _Parser(prog="udpbackend", description="flannel-compatible UDP/TUN overlay data plane")
+    p.add_argument("--version", action="version", version=f"udpbackend {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = _add_run(sub)
+    d = sub.add_parser("demo", help="nodes in network namespaces: ping and throughput")
     d.add_argument("--mode", default="batched", choices=MODES)
     d.add_argument("--seconds", type=float, default=3.0, help="iperf3 duration")
-    return p
+    return p, run
+
+
+def go_style(argv: list[str]) -> list[str]:
+    """Accept Go's single-dash long flags (`-etcd-endpoints=...`, `-iface eth0`)."""
+    out: list[str] = []
+    for a in argv:
+        if a == "--":
+            out.extend(argv[len(out) :])
+            break
+        if a.startswith("-") and not a.startswith("--") and len(a.split("=", 1)[0]) > 2:
+            a = "-" + a
+        out.append(a)
+    return out
+
+
+def apply_env(run: argparse.ArgumentParser, argv: list[str], environ: dict[str, str]) -> None:
+    """FLANNELD_<NAME> sets every flag not given on the command line (non-empty values only;
+    a repeatable flag gets one value), as flanneld's flagutil does."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    for action in run._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or longs[0] in ("--help", "--version") or any(o in given for o in longs):
+            continue
+        var = ENV_PREFIX + longs[0][2:].upper().replace("-", "_").replace(".", "_")
+        raw = environ.get(var, "")
+        if not raw:
+            continue
+        try:
+            value = action.type(raw) if callable(action.type) else raw
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise ConfigError(f"{var}: {e}") from None
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"{var}: {raw!r} is not one of {', '.join(map(str, action.choices))}")
+        run.set_defaults(**{action.dest: [value] if isinstance(action.default, list) else value})
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .daemon import Node, RunOptions, StartupError
-    from .iface import IfaceError
-    from .tun import TunError
+    from .daemon import RunOptions, StartupError, run_node
 
-    peers = [parse_peer(t) for t in args.peer]
-    if args.peers_file:
-        peers += read_peers_file(args.peers_file)
-    cfg = build_config(args.network, args.subnet, peers, args.port, args.mode)
+    if not 1 <= args.subnet_lease_renew_margin <= 1439:
+        raise ConfigError(
+            "--subnet-lease-renew-margin: Invalid subnet-lease-renew-margin option, "
+            "out of acceptable range (1..1439 minutes)"
+        )
     opts = RunOptions(
         tun_name=args.tun_name,
-        iface=args.iface,
+        ifaces=tuple(args.iface),
+        iface_regexes=tuple(args.iface_regex),
+        iface_can_reach=args.iface_can_reach or None,
         public_ip=parse_ip(args.public_ip, "--public-ip") if args.public_ip else None,
         stats_file=args.stats_file,
         subnet_file=args.subnet_file,
         offload=args.offload == "auto",
+        mode=args.mode,
+        ip_masq=args.ip_masq,
+        forward_rules=args.iptables_forward_rules,
+        iptables_resync=args.iptables_resync,
+        healthz_ip=args.healthz_ip,
+        healthz_port=args.healthz_port,
+        etcd_endpoints=[e.strip() for e in args.etcd_endpoints.split(",") if e.strip()],
+        etcd_prefix=args.etcd_prefix,
+        etcd_cafile=args.etcd_cafile,
+        etcd_certfile=args.etcd_certfile,
+        etcd_keyfile=args.etcd_keyfile,
+        etcd_username=args.etcd_username,
+        etcd_password=args.etcd_password,
+        renew_margin_minutes=args.subnet_lease_renew_margin,
     )
+    static = None
+    if args.network or args.subnet:
+        if not (args.network and args.subnet):
+            raise ConfigError("static mode needs both --network and --subnet")
+        peers = [parse_peer(t) for t in args.peer]
+        if args.peers_file:
+            peers += read_peers_file(args.peers_file)
+        static = build_config(args.network, args.subnet, peers, args.port or 8285, args.mode)
+    elif args.peer or args.peers_file or args.port:
+        raise ConfigError("--peer/--peers-file/--port are for static mode (with --network)")
+    elif opts.subnet_file is None:
+        opts.subnet_file = DEFAULT_SUBNET_FILE
     if os.geteuid() != 0:
         raise StartupError("must run as root: creating the TUN device needs CAP_NET_ADMIN")
-    node = Node(cfg, opts)
-    try:
-        try:
-            node.setup()
-        except (IfaceError, TunError) as e:
-            raise StartupError(str(e)) from None
-        import uvloop
-
-        return uvloop.run(node.run())
-    finally:
-        node.teardown()
+    return run_node(static, opts)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = go_style(list(sys.argv[1:] if argv is None else argv))
+    parser, run = _parser()
+    try:
+        apply_env(run, argv, dict(os.environ))
+    except ConfigError as e:
+        sys.stderr.write(f"udpbackend: {e}\n")
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", 0) else logging.INFO,
         format="udpbackend: %(message)s",

@@ -15,15 +15,15 @@ import os
 import signal
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import packet
 from .config import NodeConfig
 from .forwarder import Forwarder
-from .iface import ExternalInterface, find_interface
+from .iface import ExternalInterface, IfaceError, find_interface
 from .subnetenv import format_subnet_env, write_subnet_env
-from .tun import Tun, create_tun
+from .tun import Tun, TunError, create_tun
 
 log = logging.getLogger("udpbackend")
 
@@ -41,12 +41,28 @@ class StartupError(RuntimeError):
 @dataclass
 class RunOptions:
     tun_name: str = "flannel0"
-    iface: str | None = None
+    ifaces: tuple[str, ...] = ()
+    iface_regexes: tuple[str, ...] = ()
+    iface_can_reach: str | None = None
     public_ip: ipaddress.IPv4Address | None = None
     stats_file: str | None = None
     subnet_file: str | None = None
     batch: int = packet.MAX_BATCH
     offload: bool = True  # --offload auto: UDP GSO/GRO where the kernel has them
+    mode: str = "batched"
+    ip_masq: bool = False
+    forward_rules: bool = True
+    iptables_resync: int = 5
+    healthz_ip: str = "0.0.0.0"
+    healthz_port: int = 0
+    etcd_endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:2379"])
+    etcd_prefix: str = "/coreos.com/network"
+    etcd_cafile: str = ""
+    etcd_certfile: str = ""
+    etcd_keyfile: str = ""
+    etcd_username: str = ""
+    etcd_password: str = ""
+    renew_margin_minutes: int = 60
 
 
 def open_udp_socket(address: ipaddress.IPv4Address, port: int) -> socket.socket:
@@ -72,24 +88,27 @@ def open_udp_socket(address: ipaddress.IPv4Address, port: int) -> socket.socket:
 
 
 def make_pump(
-    cfg: NodeConfig, mtu: int, tun_fd: int, sock: socket.socket, batch: int, offload: bool
+    mode: str,
+    local_ip: int,
+    mtu: int,
+    tun_fd: int,
+    sock: socket.socket,
+    batch: int,
+    offload: bool,
 ) -> Any:
-    """The data plane for cfg.mode, with a route per peer: C batched, C per-packet, or the
-    pure-Python twin."""
-    local_ip = int(cfg.tun_address)
-    if cfg.mode == "python":
+    """The data plane for ``mode``, with an empty route table: C batched, C per-packet, or
+    the pure-Python twin."""
+    if mode == "python":
         cx: Any = packet.Context(local_ip, mtu, per_packet=True)
         routes: Any = packet.Routes()
         pump_cls: Any = packet.Pump
     else:
         from . import fastpath
 
-        cx = fastpath.Context(local_ip, mtu, per_packet=cfg.mode == "per-packet")
+        cx = fastpath.Context(local_ip, mtu, per_packet=mode == "per-packet")
         routes = fastpath.Routes()
         pump_cls = fastpath.Pump
-    for p in cfg.peers:
-        routes.set(int(p.subnet.network_address), p.subnet.prefixlen, int(p.public_ip), cfg.port)
-    if cfg.mode == "batched":
+    if mode == "batched":
         pump = pump_cls(cx, routes, tun_fd, sock, batch=batch, offload=offload)
         on = [name for name, ok in pump.offloads.items() if ok]
         off = [name for name, ok in pump.offloads.items() if not ok]
@@ -108,11 +127,21 @@ def write_stats(path: str, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-class Node:
-    """One running node of the static (etcd-less) mode."""
+class DataPlane:
+    """The data plane of one node: external interface, UDP socket, TUN, pump and forwarder.
 
-    def __init__(self, cfg: NodeConfig, opts: RunOptions) -> None:
-        self.cfg = cfg
+    Routes are changed only through set_route/delete_route, on the loop thread."""
+
+    def __init__(
+        self,
+        network: ipaddress.IPv4Network,
+        subnet: ipaddress.IPv4Network,
+        port: int,
+        opts: RunOptions,
+    ) -> None:
+        self.network = network
+        self.subnet = subnet
+        self.port = port
         self.opts = opts
         self.ext: ExternalInterface | None = None
         self.sock: socket.socket | None = None
@@ -121,76 +150,133 @@ class Node:
         self.forwarder: Forwarder | None = None
         self.mtu = 0
 
+    @staticmethod
+    def select_interface(opts: RunOptions) -> tuple[ExternalInterface, int]:
+        """The external interface and the TUN MTU it allows."""
+        ext = find_interface(opts.ifaces, opts.iface_regexes, opts.iface_can_reach, opts.public_ip)
+        mtu = ext.mtu - ENCAP_OVERHEAD
+        if mtu < 68:
+            raise StartupError(f"interface {ext.name} MTU {ext.mtu} is too small")
+        return ext, mtu
+
     def setup(self) -> None:
-        cfg, opts = self.cfg, self.opts
-        self.ext = find_interface(opts.iface, opts.public_ip)
-        self.mtu = self.ext.mtu - ENCAP_OVERHEAD
-        if self.mtu < 68:
-            raise StartupError(f"interface {self.ext.name} MTU {self.ext.mtu} is too small")
-        self.sock = open_udp_socket(self.ext.address, cfg.port)
-        self.tun = create_tun(opts.tun_name, cfg.tun_address, cfg.network, self.mtu)
-        self.pump = make_pump(cfg, self.mtu, self.tun.fd, self.sock, opts.batch, opts.offload)
-        if opts.subnet_file:
-            write_subnet_env(
-                opts.subnet_file, format_subnet_env(cfg.network, cfg.subnet, self.mtu, False)
-            )
+        opts = self.opts
+        self.ext, self.mtu = self.select_interface(opts)
+        self.sock = open_udp_socket(self.ext.address, self.port)
+        tun_address = self.subnet.network_address
+        self.tun = create_tun(opts.tun_name, tun_address, self.network, self.mtu)
+        self.pump = make_pump(
+            opts.mode,
+            int(tun_address),
+            self.mtu,
+            self.tun.fd,
+            self.sock,
+            opts.batch,
+            opts.offload,
+        )
+
+    async def setup_async(self) -> None:
+        """setup() off the loop thread: pyroute2's synchronous API runs its own loop."""
+        try:
+            await asyncio.to_thread(self.setup)
+        except (IfaceError, TunError) as e:
+            raise StartupError(str(e)) from None
+
+    def set_route(self, subnet: ipaddress.IPv4Network, public_ip: ipaddress.IPv4Address) -> None:
+        self.pump.routes.set(
+            int(subnet.network_address), subnet.prefixlen, int(public_ip), self.port
+        )
+
+    def delete_route(self, subnet: ipaddress.IPv4Network) -> bool:
+        try:
+            self.pump.routes.delete(int(subnet.network_address), subnet.prefixlen)
+        except KeyError:
+            return False
+        return True
+
+    def start(self, loop: asyncio.AbstractEventLoop, on_error: Any) -> None:
+        assert self.tun and self.sock
+        self.forwarder = Forwarder(
+            loop, self.pump, self.tun.fd, self.sock.fileno(), on_error=on_error
+        )
+        self.forwarder.start()
+
+    def describe(self) -> str:
+        assert self.tun and self.ext
+        return (
+            f"{self.tun.name} {self.subnet.network_address}/32 mtu {self.mtu}, "
+            f"udp {self.ext.address}:{self.port} on {self.ext.name}, mode {self.opts.mode}"
+        )
 
     def stats_doc(self) -> dict[str, Any]:
         return {
-            "mode": self.cfg.mode,
-            "routes": len(self.pump.routes),
+            "mode": self.opts.mode,
+            "routes": len(self.pump.routes) if self.pump else 0,
             "tun": self.tun.name if self.tun else None,
             "mtu": self.mtu,
             "offloads": getattr(self.pump, "offloads", {}),
-            "stats": self.pump.cx.stats(),
+            "stats": self.pump.cx.stats() if self.pump else {},
         }
 
+    def write_stats(self) -> None:
+        if self.opts.stats_file and self.pump:
+            write_stats(self.opts.stats_file, self.stats_doc())
+
     def teardown(self) -> None:
+        """Stop forwarding; closing the fd removes the TUN device and its route."""
         if self.forwarder:
             self.forwarder.stop()
+        self.write_stats()
         if self.tun:
             self.tun.close()
         if self.sock:
             self.sock.close()
 
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        failed: list[OSError] = []
 
-        def on_error(e: OSError) -> None:
-            failed.append(e)
-            stop.set()
+async def _until_stopped(plane: DataPlane, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        plane.write_stats()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), STATS_INTERVAL)
 
+
+async def run_static(cfg: NodeConfig, opts: RunOptions) -> int:
+    """A node from static flags: routes to the given peers, no etcd."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    failed: list[OSError] = []
+
+    def on_error(e: OSError) -> None:
+        failed.append(e)
+        stop.set()
+
+    plane = DataPlane(cfg.network, cfg.subnet, cfg.port, opts)
+    try:
+        await plane.setup_async()
+        for p in cfg.peers:
+            plane.set_route(p.subnet, p.public_ip)
+        if opts.subnet_file:
+            write_subnet_env(
+                opts.subnet_file, format_subnet_env(cfg.network, cfg.subnet, plane.mtu, False)
+            )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        assert self.tun and self.sock and self.ext
-        self.forwarder = Forwarder(
-            loop, self.pump, self.tun.fd, self.sock.fileno(), on_error=on_error
-        )
-        self.forwarder.start()
-        log.info(
-            "ready: %s %s/32 mtu %d, udp %s:%d on %s, mode %s, %d routes",
-            self.tun.name,
-            self.cfg.tun_address,
-            self.mtu,
-            self.ext.address,
-            self.cfg.port,
-            self.ext.name,
-            self.cfg.mode,
-            len(self.pump.routes),
-        )
-        try:
-            while not stop.is_set():
-                if self.opts.stats_file:
-                    write_stats(self.opts.stats_file, self.stats_doc())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), STATS_INTERVAL)
-        finally:
-            self.forwarder.stop()
-            if self.opts.stats_file:
-                write_stats(self.opts.stats_file, self.stats_doc())
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-        log.info("stopping: removing %s", self.tun.name)
-        return 1 if failed else 0
+        plane.start(loop, on_error)
+        log.info("ready: %s, %d routes", plane.describe(), len(plane.pump.routes))
+        await _until_stopped(plane, stop)
+        assert plane.tun
+        log.info("stopping: removing %s", plane.tun.name)
+    finally:
+        plane.teardown()
+    return 1 if failed else 0
+
+
+def run_node(static: NodeConfig | None, opts: RunOptions) -> int:
+    """Run a node until SIGTERM/SIGINT: static when ``static`` is given, else from etcd."""
+    import uvloop
+
+    if static is not None:
+        return uvloop.run(run_static(static, opts))
+    from .node import run_etcd_node
+
+    return uvloop.run(run_etcd_node(opts))

@@ -6,6 +6,8 @@ Reads netlink only; it creates and changes nothing.
 from __future__ import annotations
 
 import ipaddress
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -53,24 +55,66 @@ def _index_of_address(ipr: IPRoute, address: ipaddress.IPv4Address) -> int | Non
     return None
 
 
-def find_interface(
-    iface: str | None = None, public_ip: ipaddress.IPv4Address | None = None
-) -> ExternalInterface:
-    """Select the external interface: ``iface`` (name or IPv4), else the one holding
-    ``public_ip``, else the one carrying the IPv4 default route."""
-    with IPRoute() as ipr:
-        if iface:
+def _by_regex(ipr: IPRoute, pattern: str) -> ExternalInterface | None:
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise IfaceError(f"--iface-regex {pattern!r}: {e}") from None
+    # flanneld matches the regex against IPv4 addresses first, then interface names
+    for a in ipr.get_addr(family=2):
+        addr = a.get_attr("IFA_ADDRESS")
+        if addr and rx.search(addr):
+            return _by_index(ipr, int(a["index"]), ipaddress.IPv4Address(addr))
+    for link in ipr.get_links():
+        if rx.search(link.get_attr("IFLA_IFNAME") or ""):
             try:
-                addr = ipaddress.IPv4Address(iface)
-            except ValueError:
-                found = ipr.link_lookup(ifname=iface)
-                if not found:
-                    raise IfaceError(f"no interface named {iface!r}") from None
-                return _by_index(ipr, found[0], None)
-            index = _index_of_address(ipr, addr)
-            if index is None:
-                raise IfaceError(f"no interface has the address {addr}")
-            return _by_index(ipr, index, addr)
+                return _by_index(ipr, int(link["index"]), None)
+            except IfaceError:
+                continue
+    return None
+
+
+def _by_name_or_ip(ipr: IPRoute, iface: str) -> ExternalInterface | None:
+    try:
+        addr = ipaddress.IPv4Address(iface)
+    except ValueError:
+        found = ipr.link_lookup(ifname=iface)
+        return _by_index(ipr, found[0], None) if found else None
+    index = _index_of_address(ipr, addr)
+    return _by_index(ipr, index, addr) if index is not None else None
+
+
+def find_interface(
+    ifaces: Sequence[str] = (),
+    regexes: Sequence[str] = (),
+    can_reach: str | None = None,
+    public_ip: ipaddress.IPv4Address | None = None,
+) -> ExternalInterface:
+    """Select the external interface as flanneld does: each --iface (name or IPv4) in order,
+    then each --iface-regex, then --iface-can-reach; with none of them, the interface holding
+    --public-ip, else the one carrying the IPv4 default route."""
+    with IPRoute() as ipr:
+        if ifaces or regexes or can_reach:
+            for name in ifaces:
+                found = _by_name_or_ip(ipr, name)
+                if found:
+                    return found
+            for pattern in regexes:
+                found = _by_regex(ipr, pattern)
+                if found:
+                    return found
+            if can_reach:
+                try:
+                    ipaddress.IPv4Address(can_reach)
+                    route = ipr.route("get", dst=can_reach)[0]
+                except (ValueError, OSError) as e:
+                    raise IfaceError(f"--iface-can-reach {can_reach}: {e}") from None
+                src = route.get_attr("RTA_PREFSRC")
+                return _by_index(
+                    ipr, route.get_attr("RTA_OIF"), ipaddress.IPv4Address(src) if src else None
+                )
+            wanted = ", ".join([*ifaces, *regexes])
+            raise IfaceError(f"failed to find an interface matching {wanted}")
         if public_ip is not None:
             index = _index_of_address(ipr, public_ip)
             if index is None:
