@@ -7,6 +7,8 @@
 # --- builder: compile the C fast path into a wheel, plus wheels of every dependency ----------------
 FROM python:3.11-slim-bookworm AS builder
 
+# Debian's versions are not pinned: bookworm's security updates replace them, so pins would rot.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
@@ -16,19 +18,20 @@ COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY csrc/ csrc/
 COPY udpbackend/ udpbackend/
 
-RUN pip install --no-cache-dir --upgrade pip setuptools wheel \
+RUN pip install --no-cache-dir --upgrade pip==25.3 setuptools==80.9.0 wheel==0.45.1 \
     && pip wheel --no-cache-dir --no-deps -w /wheels . \
     && pip wheel --no-cache-dir -w /wheels /wheels/udpbackend-*.whl
 
 # --- runtime: no compiler, just the wheels and the tools the data plane shells out to -------------
 FROM python:3.11-slim-bookworm
 
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends iproute2 iptables \
     && rm -rf /var/lib/apt/lists/*
 
 COPY --from=builder /wheels /tmp/wheels
-RUN pip install --no-cache-dir --no-index --find-links=/tmp/wheels udpbackend \
+RUN pip install --no-cache-dir --no-index --find-links=/tmp/wheels udpbackend==0.1.0 \
     && rm -rf /tmp/wheels \
     && python -c "import udpbackend._fastpath"
 

@@ -147,15 +147,33 @@ def go_style(argv: list[str]) -> list[str]:
     return out
 
 
+def env_var(flag: str) -> str:
+    """FLANNELD_<NAME> for --name: upper case, '-' and '.' become '_'."""
+    return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_").replace(".", "_")
+
+
+def _env_actions(run: argparse.ArgumentParser) -> list[tuple[argparse.Action, list[str]]]:
+    out = []
+    for action in run._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if longs and longs[0] not in ("--help", "--version"):
+            out.append((action, longs))
+    return out
+
+
+def known_env_vars() -> set[str]:
+    """Every FLANNELD_* variable `udpbackend run` understands."""
+    return {env_var(longs[0]) for _, longs in _env_actions(_parser()[1])}
+
+
 def apply_env(run: argparse.ArgumentParser, argv: list[str], environ: dict[str, str]) -> None:
     """FLANNELD_<NAME> sets every flag not given on the command line (non-empty values only;
     a repeatable flag gets one value), as flanneld's flagutil does."""
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    for action in run._actions:
-        longs = [o for o in action.option_strings if o.startswith("--")]
-        if not longs or longs[0] in ("--help", "--version") or any(o in given for o in longs):
+    for action, longs in _env_actions(run):
+        if any(o in given for o in longs):
             continue
-        var = ENV_PREFIX + longs[0][2:].upper().replace("-", "_").replace(".", "_")
+        var = env_var(longs[0])
         raw = environ.get(var, "")
         if not raw:
             continue
