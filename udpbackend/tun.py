@@ -61,14 +61,24 @@ def open_tun(name: str) -> tuple[int, str]:
     return fd, ifr[:IFNAMSIZ].rstrip(b"\0").decode()
 
 
-def _disable_ipv6(name: str) -> None:
-    # Without this the kernel sends router solicitations and MLD reports into the data path.
-    path = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
+def _sysctl(path: str, value: str) -> bool:
     try:
         with open(path, "w") as f:
-            f.write("1")
+            f.write(value)
     except OSError:
-        pass  # a kernel without IPv6: nothing to silence
+        return False
+    return True
+
+
+def _tune_sysctls(name: str) -> None:
+    # Without this the kernel sends router solicitations and MLD reports into the data path
+    # (a kernel without IPv6 has nothing to silence: failure is fine).
+    _sysctl(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "1")
+    # The ICMP errors the data plane writes into the TUN come from the TUN's own address;
+    # without accept_local the kernel drops them as martians and the sender never learns
+    # of the unreachable network or the expired TTL.
+    if not _sysctl(f"/proc/sys/net/ipv4/conf/{name}/accept_local", "1"):
+        raise TunError(f"cannot set net.ipv4.conf.{name}.accept_local")
 
 
 def create_tun(
@@ -83,7 +93,7 @@ def create_tun(
     try:
         with IPRoute() as ipr:
             index = ipr.link_lookup(ifname=real)[0]
-            _disable_ipv6(real)
+            _tune_sysctls(real)
             ipr.link("set", index=index, mtu=mtu, txqlen=TXQUEUELEN)
             ipr.addr("add", index=index, address=str(address), prefixlen=32)
             ipr.link("set", index=index, state="up")

@@ -1,0 +1,521 @@
+# The pure-Python twin of csrc/ (fastpath.h): route table, packet decisions, ICMP errors and a
+# one-packet-per-syscall Pump, with the same names, semantics and counters as the C fast path.
+# It is the spec the C is tested against and the fallback under UDPBACKEND_NO_EXTENSIONS=1.
+# Only the stdlib may be imported here: nothing from udpbackend, no cffi, no event loop.
+"""Pure-Python reference implementation of the udpbackend fast path."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+from collections.abc import Callable
+from time import monotonic_ns
+from typing import NamedTuple
+
+__all__ = [
+    "DEFAULT_PORT",
+    "DROP",
+    "DROP_REASONS",
+    "FORWARD",
+    "HIST_BUCKETS",
+    "ICMP_TTL",
+    "MAX_BATCH",
+    "MAX_SLOT",
+    "REPLY",
+    "REPLY_MAX",
+    "SYSCALL_KINDS",
+    "Context",
+    "Decision",
+    "Pump",
+    "Routes",
+    "checksum",
+    "egress",
+    "ingress",
+]
+
+FORWARD, REPLY, DROP = 0, 1, 2
+DROP_REASONS = (
+    "too_short",
+    "not_ipv4",
+    "bad_header",
+    "truncated",
+    "oversize",
+    "bad_checksum",
+    "ttl_exceeded",
+    "no_route",
+    "tx_error",
+)
+SYSCALL_KINDS = ("read", "write", "sendmmsg", "recvmmsg", "sendto", "recvfrom", "poll")
+HIST_BUCKETS = 8
+MAX_BATCH = 64
+MAX_SLOT = 65536
+REPLY_MAX = 96
+ICMP_TTL = 8
+DEFAULT_PORT = 8285
+
+(
+    _TOO_SHORT,
+    _NOT_IPV4,
+    _BAD_HEADER,
+    _TRUNCATED,
+    _OVERSIZE,
+    _BAD_CHECKSUM,
+    _TTL_EXCEEDED,
+    _NO_ROUTE,
+    _TX_ERROR,
+) = range(len(DROP_REASONS))
+_SYS_READ, _SYS_WRITE, _SYS_SENDMMSG, _SYS_RECVMMSG, _SYS_SENDTO, _SYS_RECVFROM, _SYS_POLL = range(
+    len(SYSCALL_KINDS)
+)
+
+_NS = 1_000_000_000
+_MULTICAST = 0xE0000000  # 224.0.0.0: sources and destinations from here up get no ICMP error
+_ICMP_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))  # RFC 792/1122: never answer an error
+_ICMP_DEST_UNREACH = 3
+_ICMP_TIME_EXCEEDED = 11
+_SEND_WAIT_MS = 5  # how long a full socket may stay full before the packet is dropped
+
+
+class Decision(NamedTuple):
+    """What egress()/ingress() decided about one packet.
+
+    verdict: FORWARD, REPLY or DROP.  length: bytes of pkt to pass on (the IPv4 total length
+    once the header validated, else the length given).  hop: (peer_ip, peer_port) of a forwarded
+    egress packet, else None.  reply: the ICMP error to deliver when verdict is REPLY, else None.
+    """
+
+    verdict: int
+    length: int
+    hop: tuple[int, int] | None
+    reply: bytes | None
+
+
+def _mask(prefix_len: int) -> int:
+    return (0xFFFFFFFF << (32 - prefix_len)) & 0xFFFFFFFF
+
+
+def _check_net(net: int, prefix_len: int) -> None:
+    if not 0 <= prefix_len <= 32:
+        raise ValueError(f"prefix_len must be 0..32, not {prefix_len}")
+    if not 0 <= net <= 0xFFFFFFFF:
+        raise ValueError(f"net must be a 32-bit address, not {net}")
+    if net & ~_mask(prefix_len) & 0xFFFFFFFF:
+        raise ValueError(f"host bits set in net {net:#010x}/{prefix_len}")
+
+
+class Routes:
+    """Longest-prefix match of IPv4 destinations (host-order ints) to (peer_ip, peer_port).
+
+    One dict per prefix length in use, so a lookup costs one probe per length in use (one in a
+    flannel network), whatever the number of routes.
+    """
+
+    def __init__(self) -> None:
+        self._tables: dict[int, dict[int, tuple[int, int]]] = {}
+        self._lengths: list[int] = []  # prefix lengths in use, longest first
+        self._count = 0
+
+    def set(self, net: int, prefix_len: int, peer_ip: int, peer_port: int) -> bool:
+        """Add or replace net/prefix_len; True if it replaced an existing route."""
+        _check_net(net, prefix_len)
+        if not 0 <= peer_ip <= 0xFFFFFFFF:
+            raise ValueError(f"peer_ip must be a 32-bit address, not {peer_ip}")
+        if not 0 <= peer_port <= 0xFFFF:
+            raise ValueError(f"peer_port must be 0..65535, not {peer_port}")
+        table = self._tables.get(prefix_len)
+        if table is None:
+            table = self._tables[prefix_len] = {}
+            self._lengths = sorted(self._tables, reverse=True)
+        replaced = net in table
+        table[net] = (peer_ip, peer_port)
+        if not replaced:
+            self._count += 1
+        return replaced
+
+    def delete(self, net: int, prefix_len: int) -> None:
+        """Remove net/prefix_len; KeyError if there is no such route."""
+        _check_net(net, prefix_len)
+        table = self._tables.get(prefix_len)
+        if table is None or net not in table:
+            raise KeyError((net, prefix_len))
+        del table[net]
+        self._count -= 1
+        if not table:
+            del self._tables[prefix_len]
+            self._lengths = sorted(self._tables, reverse=True)
+
+    def lookup(self, addr: int) -> tuple[int, tuple[int, int]] | None:
+        """(prefix_len, (peer_ip, peer_port)) of the longest route holding addr, or None."""
+        for plen in self._lengths:
+            hop = self._tables[plen].get(addr & _mask(plen))
+            if hop is not None:
+                return plen, hop
+        return None
+
+    def __len__(self) -> int:
+        return self._count
+
+
+class _DirStats:
+    __slots__ = (
+        "batch_hist",
+        "batches",
+        "drops",
+        "rx_bytes",
+        "rx_packets",
+        "tx_bytes",
+        "tx_packets",
+    )
+
+    def __init__(self) -> None:
+        self.rx_packets = 0
+        self.rx_bytes = 0
+        self.tx_packets = 0
+        self.tx_bytes = 0
+        self.drops = [0] * len(DROP_REASONS)
+        self.batches = 0
+        self.batch_hist = [0] * HIST_BUCKETS
+
+    def batch(self, n: int) -> None:
+        self.batches += 1
+        self.batch_hist[min(n.bit_length() - 1, HIST_BUCKETS - 1)] += 1
+
+    def as_dict(self) -> dict:
+        return {
+            "rx_packets": self.rx_packets,
+            "rx_bytes": self.rx_bytes,
+            "tx_packets": self.tx_packets,
+            "tx_bytes": self.tx_bytes,
+            "drops": dict(zip(DROP_REASONS, self.drops, strict=True)),
+            "batches": self.batches,
+            "batch_hist": list(self.batch_hist),
+        }
+
+
+class Context:
+    """Forwarding context: configuration, the ICMP token bucket and the counters (fp_ctx)."""
+
+    def __init__(
+        self,
+        local_ip: int,
+        mtu: int,
+        per_packet: bool = False,
+        icmp_rate: int = 1000,
+        icmp_burst: int = 100,
+    ) -> None:
+        if not 68 <= mtu <= 65535:
+            raise ValueError(f"mtu must be 68..65535, not {mtu}")
+        for name, value in (("local_ip", local_ip), ("icmp_rate", icmp_rate)):
+            if not 0 <= value <= 0xFFFFFFFF:
+                raise ValueError(f"{name} must be a uint32, not {value}")
+        if not 0 <= icmp_burst <= 0xFFFFFFFF:
+            raise ValueError(f"icmp_burst must be a uint32, not {icmp_burst}")
+        self.local_ip = local_ip
+        self.mtu = mtu
+        self.per_packet = bool(per_packet)
+        self.icmp_rate = icmp_rate
+        self.icmp_burst = icmp_burst
+        self.icmp_tokens = icmp_burst
+        self.icmp_last_ns = 0
+        self.egress = _DirStats()
+        self.ingress = _DirStats()
+        self.icmp_unreachable = 0
+        self.icmp_time_exceeded = 0
+        self.icmp_ratelimited = 0
+        self.syscalls = [0] * len(SYSCALL_KINDS)
+
+    def stats(self) -> dict:
+        """A snapshot of the counters in the canonical (C-identical) shape."""
+        return {
+            "egress": self.egress.as_dict(),
+            "ingress": self.ingress.as_dict(),
+            "icmp_unreachable": self.icmp_unreachable,
+            "icmp_time_exceeded": self.icmp_time_exceeded,
+            "icmp_ratelimited": self.icmp_ratelimited,
+            "gso_sends": 0,  # UDP GSO/GRO are C-only (batched mode): always 0 here
+            "gro_receives": 0,
+            "syscalls": dict(zip(SYSCALL_KINDS, self.syscalls, strict=True)),
+        }
+
+    def _take_token(self, now_ns: int) -> bool:
+        # Integer arithmetic only, step for step as in C, so both buckets stay bit-identical.
+        if self.icmp_rate == 0:
+            return False
+        elapsed = now_ns - self.icmp_last_ns if now_ns > self.icmp_last_ns else 0
+        if elapsed >= _NS:
+            self.icmp_tokens = self.icmp_burst
+            self.icmp_last_ns = now_ns
+        else:
+            add = elapsed * self.icmp_rate // _NS
+            if add > 0:
+                self.icmp_tokens = min(self.icmp_burst, self.icmp_tokens + add)
+                self.icmp_last_ns += add * _NS // self.icmp_rate
+        if self.icmp_tokens > 0:
+            self.icmp_tokens -= 1
+            return True
+        return False
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """Internet checksum (RFC 1071) of data: folded and complemented, 0 over a valid header.
+
+    Odd lengths are padded with a zero byte.  The result is the value of the big-endian 16-bit
+    checksum field (struct.pack(">H", checksum(...)) puts it on the wire).
+    """
+    b = bytes(data)
+    if len(b) & 1:
+        b += b"\0"
+    # 2**16 == 1 (mod 0xffff), so the one's-complement sum of the 16-bit words is the whole
+    # buffer read as one big integer, mod 0xffff; a nonzero sum folds to 0xffff, never to 0.
+    n = int.from_bytes(b, "big")
+    folded = 0 if n == 0 else (n % 0xFFFF or 0xFFFF)
+    return ~folded & 0xFFFF
+
+
+def _validate(cx: Context, st: _DirStats, pkt: bytearray, n: int) -> tuple[int, int]:
+    """(-1, length) after counting a drop, else (ihl, total length)."""
+    if n < 20:
+        st.drops[_TOO_SHORT] += 1
+        return -1, n
+    if pkt[0] >> 4 != 4:
+        st.drops[_NOT_IPV4] += 1
+        return -1, n
+    ihl = (pkt[0] & 15) * 4
+    if ihl < 20 or ihl > n:
+        st.drops[_BAD_HEADER] += 1
+        return -1, n
+    tot = (pkt[2] << 8) | pkt[3]
+    if tot < ihl:
+        st.drops[_BAD_HEADER] += 1
+        return -1, n
+    if tot > n:
+        st.drops[_TRUNCATED] += 1
+        return -1, n
+    if tot > cx.mtu:
+        st.drops[_OVERSIZE] += 1
+        return -1, tot
+    if checksum(memoryview(pkt)[:ihl]) != 0:
+        st.drops[_BAD_CHECKSUM] += 1
+        return -1, tot
+    return ihl, tot
+
+
+def _icmp_error(
+    cx: Context, pkt: bytearray, ihl: int, length: int, icmp_type: int, now_ns: int
+) -> bytes | None:
+    """The ICMP error (RFC 792) answering pkt[:length], or None when none may be sent."""
+    if pkt[9] == 1 and (ihl + 1 > length or pkt[ihl] in _ICMP_ERROR_TYPES):
+        return None  # never answer an ICMP error (or an ICMP header cut short)
+    if ((pkt[6] << 8) | pkt[7]) & 0x1FFF:
+        return None  # only the first fragment carries the header we would quote
+    src = int.from_bytes(pkt[12:16], "big")
+    dst = int.from_bytes(pkt[16:20], "big")
+    if src == 0 or src >= _MULTICAST or dst >= _MULTICAST:
+        return None
+    if not cx._take_token(now_ns):
+        cx.icmp_ratelimited += 1
+        return None
+    quote = bytes(pkt[: min(length, ihl + 8)])
+    icmp = bytearray(struct.pack(">BBHI", icmp_type, 0, 0, 0) + quote)
+    struct.pack_into(">H", icmp, 2, checksum(icmp))
+    hdr = bytearray(
+        struct.pack(
+            ">BBHHHBBHII",
+            0x45,
+            0,
+            20 + len(icmp),
+            0,
+            0,
+            ICMP_TTL,
+            1,
+            0,
+            cx.local_ip,
+            src,
+        )
+    )
+    struct.pack_into(">H", hdr, 10, checksum(hdr))
+    if icmp_type == _ICMP_DEST_UNREACH:
+        cx.icmp_unreachable += 1
+    else:
+        cx.icmp_time_exceeded += 1
+    return bytes(hdr + icmp)
+
+
+def _decrement_ttl(pkt: bytearray) -> None:
+    # RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m') over the 16-bit word holding TTL|protocol.
+    old = (pkt[8] << 8) | pkt[9]
+    new = old - 0x100
+    s = (~((pkt[10] << 8) | pkt[11]) & 0xFFFF) + (~old & 0xFFFF) + new
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    hc = ~s & 0xFFFF
+    pkt[8] -= 1
+    pkt[10] = hc >> 8
+    pkt[11] = hc & 0xFF
+
+
+def _decide(
+    cx: Context,
+    st: _DirStats,
+    routes: Routes | None,
+    pkt: bytearray,
+    n: int,
+    now_ns: int,
+) -> Decision:
+    ihl, length = _validate(cx, st, pkt, n)
+    if ihl < 0:
+        return Decision(DROP, length, None, None)
+    if pkt[8] <= 1:
+        st.drops[_TTL_EXCEEDED] += 1
+        reply = _icmp_error(cx, pkt, ihl, length, _ICMP_TIME_EXCEEDED, now_ns)
+        return Decision(DROP if reply is None else REPLY, length, None, reply)
+    hop = None
+    if routes is not None:
+        found = routes.lookup(int.from_bytes(pkt[16:20], "big"))
+        if found is None:
+            st.drops[_NO_ROUTE] += 1
+            reply = _icmp_error(cx, pkt, ihl, length, _ICMP_DEST_UNREACH, now_ns)
+            return Decision(DROP if reply is None else REPLY, length, None, reply)
+        hop = found[1]
+    _decrement_ttl(pkt)
+    return Decision(FORWARD, length, hop, None)
+
+
+def egress(cx: Context, routes: Routes, pkt: bytearray, now_ns: int) -> Decision:
+    """Decide one packet read from the TUN (fp_egress); TTL and checksum change in place."""
+    return _decide(cx, cx.egress, routes, pkt, len(pkt), now_ns)
+
+
+def ingress(cx: Context, pkt: bytearray, now_ns: int) -> Decision:
+    """Decide one packet received over UDP (fp_ingress); TTL and checksum change in place."""
+    return _decide(cx, cx.ingress, None, pkt, len(pkt), now_ns)
+
+
+def _addr(ip: int) -> str:
+    return socket.inet_ntoa(ip.to_bytes(4, "big"))
+
+
+class Pump:
+    """The fd-level data plane in pure Python: one packet per syscall (flannel's loop).
+
+    tun_fd and udp_sock must be non-blocking.  Each pump call takes in at most `budget`
+    packets and stops early at EAGAIN; it returns the number taken in, and raises OSError for
+    an fd-level failure only when none were taken.  Counters go to cx as in fp_tun_to_udp /
+    fp_udp_to_tun with per_packet set.  `batch` and `offload` are accepted for API parity with
+    the C Pump; one packet per syscall means no batches and no UDP GSO/GRO here.
+    """
+
+    def __init__(
+        self,
+        cx: Context,
+        routes: Routes,
+        tun_fd: int,
+        udp_sock: socket.socket,
+        batch: int = MAX_BATCH,
+        offload: bool = False,
+    ) -> None:
+        if not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch must be 1..{MAX_BATCH}, not {batch}")
+        self.offloads = {"udp_gso": False, "udp_gro": False}
+        self.cx = cx
+        self.routes = routes
+        self.tun_fd = tun_fd
+        self.udp_sock = udp_sock
+        self.batch = batch
+        self._buf = bytearray(MAX_SLOT)
+
+    @property
+    def gso_active(self) -> bool:
+        """Always False: the Python pump never coalesces sends."""
+        return False
+
+    def _out(self, st: _DirStats, kind: int, fd: int, send: Callable[[], object]) -> bool:
+        """Run one send/write; a full fd gets one wait of up to 5 ms and one retry.  A packet
+        that is refused or stays blocked costs a tx_error drop in st."""
+        cx = self.cx
+        for attempt in range(2):
+            cx.syscalls[kind] += 1
+            try:
+                send()
+                return True
+            except BlockingIOError:
+                if attempt:
+                    break
+                cx.syscalls[_SYS_POLL] += 1
+                p = select.poll()
+                p.register(fd, select.POLLOUT)
+                if not p.poll(_SEND_WAIT_MS):
+                    break
+            except OSError:
+                break
+        st.drops[_TX_ERROR] += 1
+        return False
+
+    def _sendto(self, st: _DirStats, data: bytes | memoryview, addr: tuple[str, int]) -> bool:
+        sock = self.udp_sock
+        return self._out(st, _SYS_SENDTO, sock.fileno(), lambda: sock.sendto(data, addr))
+
+    def _write_tun(self, st: _DirStats, data: bytes | memoryview) -> bool:
+        fd = self.tun_fd
+        return self._out(st, _SYS_WRITE, fd, lambda: os.write(fd, data))
+
+    def tun_to_udp(self, budget: int) -> int:
+        """Egress: read packets from the TUN and send each to its peer (fp_tun_to_udp)."""
+        cx, st, buf = self.cx, self.cx.egress, self._buf
+        taken = 0
+        while taken < budget:
+            cx.syscalls[_SYS_READ] += 1
+            try:
+                n = os.readv(self.tun_fd, [buf])
+            except BlockingIOError:
+                break
+            except OSError:
+                if taken:
+                    break
+                raise
+            taken += 1
+            st.rx_packets += 1
+            st.rx_bytes += n
+            st.batch(1)
+            pkt = buf[:n]
+            d = _decide(cx, st, self.routes, pkt, n, monotonic_ns())
+            if d.verdict == FORWARD:
+                assert d.hop is not None
+                if self._sendto(st, memoryview(pkt)[: d.length], (_addr(d.hop[0]), d.hop[1])):
+                    st.tx_packets += 1
+                    st.tx_bytes += d.length
+            elif d.verdict == REPLY:
+                assert d.reply is not None
+                self._write_tun(st, d.reply)
+        return taken
+
+    def udp_to_tun(self, budget: int) -> int:
+        """Ingress: receive datagrams and write each into the TUN (fp_udp_to_tun)."""
+        cx, st, buf = self.cx, self.cx.ingress, self._buf
+        taken = 0
+        while taken < budget:
+            cx.syscalls[_SYS_RECVFROM] += 1
+            try:
+                n, src = self.udp_sock.recvfrom_into(buf)
+            except BlockingIOError:
+                break
+            except OSError:
+                if taken:
+                    break
+                raise
+            taken += 1
+            st.rx_packets += 1
+            st.rx_bytes += n
+            st.batch(1)
+            pkt = buf[:n]
+            d = _decide(cx, st, None, pkt, n, monotonic_ns())
+            if d.verdict == FORWARD:
+                if self._write_tun(st, memoryview(pkt)[: d.length]):
+                    st.tx_packets += 1
+                    st.tx_bytes += d.length
+            elif d.verdict == REPLY:
+                assert d.reply is not None
+                self._sendto(st, d.reply, src)
+        return taken
