@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", 0) else logging.INFO,
-        format="udpbackend: %(message)s",
+        format="%(asctime)s.%(msecs)03d udpbackend: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
     )
     from .daemon import StartupError
 
