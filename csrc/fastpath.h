@@ -163,9 +163,10 @@ int fp_egress(fp_ctx *cx, const fp_routes *rt, uint8_t *pkt, uint32_t *len, uint
 int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
                uint8_t *reply, uint32_t *reply_len);
 
-/* The pumps.  Never block for long: fds must be non-blocking.  Each takes in at most
- * `budget` packets (so that a caller on an event loop is never starved) and stops early at
- * EAGAIN.  Returns the number of packets taken in, or -errno for an fd-level failure when
+/* The pumps.  Never block for long: fds must be non-blocking.  Each stops taking in packets
+ * once `budget` have been taken (so that a caller on an event loop is never starved) and stops
+ * early at EAGAIN.  A UDP_GRO receive is taken whole, so fp_udp_to_tun may go past the budget
+ * by the datagrams of its last receive (at most 63 more with the kernel's 64-segment GRO).  Returns the number of packets taken in, or -errno for an fd-level failure when
  * none were (EAGAIN is not a failure).
  *
  * fp_tun_to_udp (egress), one round:
@@ -176,8 +177,9 @@ int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
  *   3. one sendmmsg for the queued packets (per_packet: one sendto each); with udp_gso, each
  *      run of consecutive packets to one peer, all of one size but the last (which may be
  *      shorter), is one message with a UDP_SEGMENT control message (at most FP_GSO_MAX_SEGS
- *      datagrams and 65507 bytes).  A socket that stays full for 5 ms, or refuses a packet,
- *      costs a FP_DROP_TX_ERROR per packet.
+ *      datagrams and 65507 bytes); a run the kernel refuses is sent again datagram by
+ *      datagram.  A socket that stays full after one wait of 5 ms and one retry, or refuses a
+ *      datagram, costs a FP_DROP_TX_ERROR per datagram.
  * fp_udp_to_tun (ingress), one round:
  *   1. one recvmmsg of up to nslots datagrams (per_packet: one recvfrom); with udp_gro a
  *      message may hold several datagrams of the size the kernel reports, split here;

@@ -96,7 +96,8 @@ static int wait_writable(fp_ctx *cx, int fd)
     return poll(&p, 1, SEND_WAIT_MS) > 0;
 }
 
-/* Send one datagram with sendto, waiting once if the socket is full.  0 sent, -1 dropped. */
+/* Send one datagram with sendto; a full socket gets one wait of up to SEND_WAIT_MS and one
+ * retry.  0 sent, -1 dropped. */
 static int send_one(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len, const struct sockaddr_in *to)
 {
     for (int tries = 0; tries < 2; tries++) {
@@ -107,7 +108,7 @@ static int send_one(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len, const 
         } while (r < 0 && errno == EINTR);
         if (r >= 0)
             return 0;
-        if (errno != EAGAIN || !wait_writable(cx, fd))
+        if (errno != EAGAIN || tries == 1 || !wait_writable(cx, fd))
             return -1;
     }
     return -1;
@@ -124,7 +125,7 @@ static int tun_write(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len)
         } while (r < 0 && errno == EINTR);
         if (r >= 0)
             return 0;
-        if (errno != EAGAIN || !wait_writable(cx, fd))
+        if (errno != EAGAIN || tries == 1 || !wait_writable(cx, fd))
             return -1;
     }
     return -1;
@@ -160,12 +161,26 @@ static uint32_t send_batch(fp_ctx *cx, int fd, struct mmsghdr *msgs, const uint3
         }
         if (errno == EAGAIN)
             break;
-        /* The first remaining message was refused (EMSGSIZE, ENETUNREACH, EPERM from a
-         * firewall, EIO from a device without checksum offload under UDP_SEGMENT): drop it,
-         * stop coalescing if GSO was the cause, go on with the rest. */
-        if (errno == EIO && pkts[done] > 1)
-            cx->udp_gso = 0;
-        failed += pkts[done];
+        /* The first remaining message was refused.  A coalesced run (EIO: device without
+         * checksum offload; EINVAL/EMSGSIZE: a path MTU below the segment size) is sent again
+         * one datagram at a time, and EIO stops coalescing for good; a single datagram
+         * (ENETUNREACH, EPERM from a firewall...) is dropped.  Then go on with the rest. */
+        if (pkts[done] > 1) {
+            if (errno == EIO)
+                cx->udp_gso = 0;
+            struct msghdr *h = &msgs[done].msg_hdr;
+            for (size_t k = 0; k < h->msg_iovlen; k++) {
+                if (send_one(cx, fd, h->msg_iov[k].iov_base, (uint32_t)h->msg_iov[k].iov_len,
+                             h->msg_name) == 0) {
+                    st->tx_packets++;
+                    st->tx_bytes += h->msg_iov[k].iov_len;
+                } else {
+                    failed++;
+                }
+            }
+        } else {
+            failed++;
+        }
         done++;
     }
     while (done < n)
