@@ -29,12 +29,14 @@ def load_impl(name: str) -> ModuleType:
         importlib.import_module("udpbackend._fastpath")
         return importlib.import_module("udpbackend.fastpath")
     except ImportError as exc:
-        pytest.fail(
-            f"the C fast path cannot be imported ({exc}); build it with "
-            "`pip install -e . --no-build-isolation` (or `python setup.py build_ext --inplace`), "
-            "or set UDPBACKEND_NO_EXTENSIONS=1 to test the pure-Python twin only",
-            pytrace=False,
-        )
+        error = exc
+    # Outside the except block, so the report is this one line, not a chained traceback.
+    pytest.fail(
+        f"the C fast path cannot be imported ({error}); build it with "
+        "`pip install -e . --no-build-isolation` (or `python setup.py build_ext --inplace`), "
+        "or set UDPBACKEND_NO_EXTENSIONS=1 to test the pure-Python twin only",
+        pytrace=False,
+    )
 
 
 @pytest.fixture(scope="session", params=IMPLS, ids=IMPLS)
