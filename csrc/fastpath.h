@@ -37,7 +37,8 @@
 #define FP_DROP_TTL_EXCEEDED 6   /* TTL <= 1: would reach 0 here */
 #define FP_DROP_NO_ROUTE 7       /* egress only: no route for the destination */
 #define FP_DROP_TX_ERROR 8       /* sendmmsg/sendto/write refused the packet, or the socket stayed full */
-#define FP_DROP_REASONS 9
+#define FP_DROP_BAD_OFFLOAD 9    /* egress with vnet: a virtio-net header or super-packet we cannot split */
+#define FP_DROP_REASONS 10
 
 /* Syscall kinds: indexes into fp_stats.syscalls.  Calls that return EAGAIN count too. */
 #define FP_SYS_READ 0
@@ -71,6 +72,8 @@ typedef struct {
     uint64_t icmp_ratelimited;   /* replies suppressed by the token bucket */
     uint64_t gso_sends;          /* egress: messages that carried several datagrams (UDP_SEGMENT) */
     uint64_t gro_receives;       /* ingress: receives that held several datagrams (UDP_GRO) */
+    uint64_t tso_reads;          /* egress with vnet: TUN reads that were super-packets (split here) */
+    uint64_t tun_gro_writes;     /* ingress with vnet: TUN writes that merged several segments */
     uint64_t syscalls[FP_SYS_KINDS];
 } fp_stats;
 
@@ -86,6 +89,9 @@ typedef struct {
                                   * kernel refuses with EIO) */
     uint32_t udp_gro;            /* batched: the socket has UDP_GRO on, a receive may hold several
                                   * datagrams of one size (set by fp_udp_offloads) */
+    uint32_t vnet;               /* batched: the TUN was opened with IFF_VNET_HDR, so every read and
+                                  * write carries a virtio-net header (set by the caller before
+                                  * the first pump call; needs fp_batch.aux) */
     uint32_t icmp_rate;          /* ICMP errors per second refilled into the bucket; 0: never send */
     uint32_t icmp_burst;         /* bucket capacity */
     uint32_t icmp_tokens;        /* state: tokens left */
@@ -106,6 +112,9 @@ typedef struct {
     uint8_t *arena;
     uint32_t slot_size;
     uint32_t nslots;
+    uint8_t *aux;                /* vnet only, caller-owned, >= FP_AUX_MIN bytes: egress puts split
+                                  * segments here, ingress merged super-packets */
+    uint32_t aux_size;
 } fp_batch;
 
 /* Route table: longest-prefix match of IPv4 destinations to next hops.  Exact-match hash per
@@ -139,6 +148,39 @@ int fp_ctx_init(fp_ctx *cx, uint32_t local_ip, uint32_t mtu, uint32_t per_packet
 #define FP_OFFLOAD_GSO 1
 #define FP_OFFLOAD_GRO 2
 int fp_udp_offloads(fp_ctx *cx, int udp_fd, uint32_t want);
+
+/* TUN offloads (IFF_VNET_HDR): every TUN read and write starts with this 10-byte header,
+ * little-endian: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset. */
+#define FP_VNET_HDR_LEN 10
+#define FP_VNET_F_NEEDS_CSUM 1
+#define FP_VNET_GSO_NONE 0
+#define FP_VNET_GSO_TCPV4 1
+#define FP_VNET_GSO_UDP_L4 5
+#define FP_VNET_GSO_ECN 0x80
+#define FP_AUX_MIN 262144
+#define FP_MAX_QUEUE 512         /* segments queued between two sends on the egress vnet path */
+
+/* Split buf[0:len] (a virtio-net header, then an IPv4 packet as read from the TUN) into
+ * IPv4 packets of at most mtu bytes, written one after another into out[0:out_cap] with
+ * seg_lens[i] their lengths: GSO_NONE -> the packet itself, its L4 checksum completed if
+ * NEEDS_CSUM; TCPV4 / UDP_L4 -> gso_size payload bytes per segment, headers copied, IP
+ * length, id (+i) and checksum, TCP sequence number (FIN/PSH only on the last, CWR only on the
+ * first) or UDP length, and the full L4 checksum set.  hdr_len is not trusted.
+ * Returns the number of segments, -EINVAL for a header or packet that cannot be split,
+ * -EMSGSIZE when a segment would pass mtu, -ENOSPC when out or max_segs is too small. */
+int fp_gso_split(const uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *out, uint32_t out_cap,
+                 uint32_t *seg_lens, uint32_t max_segs);
+
+/* Merge pkts[0:n] (IPv4 packets, in order) for TUN writes: each run of consecutive segments of
+ * one TCP flow (option-less IPv4, ACK and no SYN/FIN/RST/URG/ECE/CWR, valid checksum, same
+ * addresses, ports, TOS, DF, TTL, ack, window and options, contiguous sequence numbers, all
+ * of one payload size but a shorter or PSH-marked last, <= FP_GSO_MAX_SEGS and 65535 bytes)
+ * becomes one super-packet with a TCPV4/NEEDS_CSUM virtio-net header; anything else passes
+ * alone behind a zero header.  Output i is out_lens[i] bytes (header included) carrying
+ * out_segs[i] input packets, one after another in out.  Order is kept.  Returns the number
+ * of outputs or -ENOSPC. */
+int fp_gro_coalesce(uint8_t **pkts, const uint32_t *lens, uint32_t n, uint8_t *out,
+                    uint32_t out_cap, uint32_t *out_lens, uint32_t *out_segs, uint32_t max_out);
 
 /* Internet checksum (RFC 1071) of buf[0:len], folded and complemented: 0 over a valid header. */
 uint16_t fp_checksum(const uint8_t *buf, uint32_t len);
@@ -180,10 +222,13 @@ int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
  *      datagrams and 65507 bytes); a run the kernel refuses is sent again datagram by
  *      datagram.  A socket that stays full after one wait of 5 ms and one retry, or refuses a
  *      datagram, costs a FP_DROP_TX_ERROR per datagram.
+ *   With cx->vnet, step 1 reads one (super-)packet per read and fp_gso_split cuts it into
+ *   b->aux; segments are queued (up to FP_MAX_QUEUE) across reads before step 3.
  * fp_udp_to_tun (ingress), one round:
  *   1. one recvmmsg of up to nslots datagrams (per_packet: one recvfrom); with udp_gro a
  *      message may hold several datagrams of the size the kernel reports, split here;
  *   2. fp_ingress on each: FORWARD -> one write into tun_fd each; REPLY (time exceeded) ->
- *      sendto the datagram's source address. */
+ *      sendto the datagram's source address.  With cx->vnet the forwarded packets of the
+ *      round go through fp_gro_coalesce into b->aux first: one write per merged run. */
 int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int udp_fd, int budget);
 int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget);

@@ -30,6 +30,30 @@ static inline void wr32(uint8_t *p, uint32_t v)
 #define IP_OFF_DST 16
 #define IPPROTO_ICMP_ 1
 
+/* One's-complement sum (RFC 1071) of buf[0:len] added to sum, not folded: 32-bit big-endian
+ * words into a 64-bit accumulator (the carries are folded in csum_fold). */
+static inline uint64_t csum_add(uint64_t sum, const uint8_t *buf, uint32_t len)
+{
+    uint32_t i = 0;
+    for (; i + 4 <= len; i += 4)
+        sum += rd32(buf + i);
+    if (i + 2 <= len) {
+        sum += rd16(buf + i);
+        i += 2;
+    }
+    if (i < len)
+        sum += (uint32_t)buf[i] << 8;
+    return sum;
+}
+
+/* Fold a 64-bit one's-complement accumulator to 16 bits (not complemented). */
+static inline uint16_t csum_fold(uint64_t sum)
+{
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)sum;
+}
+
 static inline int hist_bucket(uint32_t n)
 {
     int b = 0;

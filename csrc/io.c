@@ -16,6 +16,7 @@
 #include <netinet/in.h>
 #include <netinet/udp.h>
 #include <poll.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -23,6 +24,7 @@
 
 #define SEND_WAIT_MS 5
 #define UDP_MAX_PAYLOAD 65507    /* 65535 - 20 (IPv4) - 8 (UDP) */
+#define IP_MAX_LEN_ 65535
 #ifndef UDP_SEGMENT
 #define UDP_SEGMENT 103
 #endif
@@ -59,6 +61,9 @@ int fp_udp_offloads(fp_ctx *cx, int udp_fd, uint32_t want)
     return (int)got;
 }
 
+/* hdr_len of a virtio-net header we built (little-endian): the bytes repeated per segment. */
+static inline uint32_t le16_hdr_len(const uint8_t *v) { return (uint32_t)(v[2] | (v[3] << 8)); }
+
 static uint64_t now_ns(void)
 {
     struct timespec ts;
@@ -78,6 +83,9 @@ static int check_batch(const fp_ctx *cx, const fp_batch *b)
 {
     if (!b->arena || b->nslots < 1 || b->nslots > FP_MAX_BATCH || b->slot_size > FP_MAX_SLOT
         || b->slot_size < cx->mtu + 1)
+        return -EINVAL;
+    if (cx->vnet && (!b->aux || b->aux_size < FP_AUX_MIN
+                     || (uint64_t)b->nslots * b->slot_size < FP_VNET_HDR_LEN + IP_MAX_LEN_))
         return -EINVAL;
     return 0;
 }
@@ -114,14 +122,21 @@ static int send_one(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len, const 
     return -1;
 }
 
-/* Write one packet into the TUN.  0 written, -1 refused. */
-static int tun_write(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len)
+/* Write one packet into the TUN (behind a zero virtio-net header when cx->vnet).  A packet
+ * already carrying its header (vnet_included) is written as it is.  0 written, -1 refused. */
+static int tun_write(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len, int vnet_included)
 {
+    uint8_t zero_hdr[FP_VNET_HDR_LEN] = {0};
+    struct iovec v[2] = {
+        { .iov_base = (void *)zero_hdr, .iov_len = FP_VNET_HDR_LEN },
+        { .iov_base = (void *)buf, .iov_len = len },
+    };
+    int with_hdr = cx->vnet && !vnet_included;
     for (int tries = 0; tries < 2; tries++) {
         ssize_t r;
         do {
             cx->stats.syscalls[FP_SYS_WRITE]++;
-            r = write(fd, buf, len);
+            r = with_hdr ? writev(fd, v, 2) : write(fd, buf, len);
         } while (r < 0 && errno == EINTR);
         if (r >= 0)
             return 0;
@@ -232,11 +247,96 @@ static uint32_t build_msgs(fp_ctx *cx, struct iovec *iov, struct sockaddr_in *to
     return nmsg;
 }
 
+/* Egress with vnet headers: one read per (super-)packet, split into b->aux, segments queued
+ * across reads and sent together (see fastpath.h). */
+static int tun_to_udp_vnet(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int udp_fd,
+                           int budget)
+{
+    fp_dir_stats *st = &cx->stats.egress;
+    struct mmsghdr msgs[FP_MAX_QUEUE];
+    struct iovec iov[FP_MAX_QUEUE];
+    struct sockaddr_in to[FP_MAX_QUEUE];
+    uint32_t pkts[FP_MAX_QUEUE], seg_lens[FP_MAX_QUEUE];
+    ctrl_t ctrl[FP_MAX_QUEUE];
+    uint8_t reply[FP_REPLY_MAX];
+    uint32_t rbuf = b->nslots * b->slot_size;
+    uint32_t used = 0, nq = 0, taken = 0;
+    int total = 0, rerr = 0;
+
+#define FLUSH()                                                                          \
+    do {                                                                                 \
+        if (nq) {                                                                        \
+            uint32_t nmsg = build_msgs(cx, iov, to, nq, msgs, pkts, ctrl);               \
+            st->drops[FP_DROP_TX_ERROR] += send_batch(cx, udp_fd, msgs, pkts, nmsg, st);  \
+        }                                                                                \
+        if (taken)                                                                       \
+            count_batch(st, taken);                                                      \
+        used = nq = taken = 0;                                                           \
+    } while (0)
+
+    while (total < budget) {
+        /* room for one more super-packet: 64 KiB of payload plus headers of 128 segments */
+        if (b->aux_size - used < IP_MAX_LEN_ + 128 * 120 || FP_MAX_QUEUE - nq < 128)
+            FLUSH();
+        cx->stats.syscalls[FP_SYS_READ]++;
+        ssize_t r = read(tun_fd, b->arena, rbuf);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN)
+                rerr = -errno;
+            break;
+        }
+        int n = fp_gso_split(b->arena, (uint32_t)r, cx->mtu, b->aux + used, b->aux_size - used,
+                             seg_lens, FP_MAX_QUEUE - nq);
+        if (n == -ENOSPC && nq) {
+            FLUSH();
+            n = fp_gso_split(b->arena, (uint32_t)r, cx->mtu, b->aux, b->aux_size, seg_lens,
+                             FP_MAX_QUEUE);
+        }
+        if (n < 0) {
+            st->rx_packets++;
+            st->rx_bytes += r > FP_VNET_HDR_LEN ? (uint64_t)r - FP_VNET_HDR_LEN : 0;
+            st->drops[n == -EMSGSIZE ? FP_DROP_OVERSIZE : FP_DROP_BAD_OFFLOAD]++;
+            total++;
+            taken++;
+            continue;
+        }
+        if (b->arena[1] != FP_VNET_GSO_NONE)
+            cx->stats.tso_reads++;
+        uint64_t now = now_ns();
+        for (int k = 0; k < n; k++) {
+            uint8_t *seg = b->aux + used;
+            uint32_t len = seg_lens[k], rlen = 0;
+            fp_hop hop;
+            used += seg_lens[k];
+            st->rx_packets++;
+            st->rx_bytes += len;
+            int v = fp_egress(cx, rt, seg, &len, now, &hop, reply, &rlen);
+            if (v == FP_FORWARD) {
+                iov[nq].iov_base = seg;
+                iov[nq].iov_len = len;
+                set_addr(&to[nq], hop.ip, hop.port);
+                nq++;
+            } else if (v == FP_REPLY && tun_write(cx, tun_fd, reply, rlen, 0) < 0) {
+                st->drops[FP_DROP_TX_ERROR]++;
+            }
+        }
+        total += n;
+        taken += (uint32_t)n;
+    }
+    FLUSH();
+#undef FLUSH
+    return total ? total : rerr;
+}
+
 int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int udp_fd, int budget)
 {
     int err = check_batch(cx, b);
     if (err)
         return err;
+    if (cx->vnet && !cx->per_packet)
+        return tun_to_udp_vnet(cx, rt, b, tun_fd, udp_fd, budget);
     fp_dir_stats *st = &cx->stats.egress;
     struct mmsghdr msgs[FP_MAX_BATCH];
     struct iovec iov[FP_MAX_BATCH];
@@ -274,7 +374,7 @@ int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int 
                 set_addr(&to[nsend], hop.ip, hop.port);
                 nsend++;
             } else if (v == FP_REPLY) {
-                if (tun_write(cx, tun_fd, reply, rlen) < 0)
+                if (tun_write(cx, tun_fd, reply, rlen, 0) < 0)
                     st->drops[FP_DROP_TX_ERROR]++;
             }
             n++;
@@ -302,17 +402,63 @@ int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int 
     return total;
 }
 
-/* One datagram received over UDP: decide, then into the TUN or a reply to its sender. */
+/* Forwarded packets of an ingress round waiting to be merged (vnet only). */
+typedef struct {
+    uint8_t *p[FP_MAX_QUEUE];
+    uint32_t len[FP_MAX_QUEUE];
+    uint32_t n;
+    uint32_t bytes;
+} gro_queue;
+
+/* Merge the queued packets and write them into the TUN, one write per run. */
+static void gro_flush(fp_ctx *cx, fp_dir_stats *st, gro_queue *q, fp_batch *b, int tun_fd)
+{
+    uint32_t out_lens[FP_MAX_QUEUE], out_segs[FP_MAX_QUEUE];
+    if (!q->n)
+        return;
+    int m = fp_gro_coalesce(q->p, q->len, q->n, b->aux, b->aux_size, out_lens, out_segs,
+                            FP_MAX_QUEUE);
+    if (m < 0) { /* cannot happen: the queue is flushed before it outgrows aux */
+        st->drops[FP_DROP_TX_ERROR] += q->n;
+        q->n = q->bytes = 0;
+        return;
+    }
+    uint8_t *o = b->aux;
+    for (int k = 0; k < m; k++) {
+        if (tun_write(cx, tun_fd, o, out_lens[k], 1) == 0) {
+            st->tx_packets += out_segs[k];
+            /* what the segments carried: the merged length plus the repeated headers */
+            st->tx_bytes += out_lens[k] - FP_VNET_HDR_LEN
+                            + (uint64_t)(out_segs[k] - 1) * le16_hdr_len(o);
+            if (out_segs[k] > 1)
+                cx->stats.tun_gro_writes++;
+        } else {
+            st->drops[FP_DROP_TX_ERROR] += out_segs[k];
+        }
+        o += out_lens[k];
+    }
+    q->n = q->bytes = 0;
+}
+
+/* One datagram received over UDP: decide, then into the TUN (or the merge queue) or a reply
+ * to its sender. */
 static void ingress_one(fp_ctx *cx, fp_dir_stats *st, uint8_t *pkt, uint32_t len, uint64_t now,
-                        const struct sockaddr_in *from, int udp_fd, int tun_fd)
+                        const struct sockaddr_in *from, int udp_fd, int tun_fd, gro_queue *q,
+                        fp_batch *b)
 {
     uint8_t reply[FP_REPLY_MAX];
     uint32_t rlen = 0;
     st->rx_packets++;
     st->rx_bytes += len;
     int v = fp_ingress(cx, pkt, &len, now, reply, &rlen);
-    if (v == FP_FORWARD) {
-        if (tun_write(cx, tun_fd, pkt, len) == 0) {
+    if (v == FP_FORWARD && q) {
+        if (q->n == FP_MAX_QUEUE || q->bytes + (q->n + 1) * FP_VNET_HDR_LEN + len > b->aux_size)
+            gro_flush(cx, st, q, b, tun_fd);
+        q->p[q->n] = pkt;
+        q->len[q->n++] = len;
+        q->bytes += len;
+    } else if (v == FP_FORWARD) {
+        if (tun_write(cx, tun_fd, pkt, len, 0) == 0) {
             st->tx_packets++;
             st->tx_bytes += len;
         } else {
@@ -348,6 +494,11 @@ int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget)
     ctrl_t ctrl[FP_MAX_BATCH];
     uint32_t want_max = cx->per_packet ? 1 : b->nslots;
     int total = 0;
+    gro_queue gq_store, *gq = NULL;
+    if (cx->vnet && !cx->per_packet) {
+        gq = &gq_store;
+        gq->n = gq->bytes = 0;
+    }
 
     while (total < budget) {
         uint32_t want = (uint32_t)(budget - total) < want_max ? (uint32_t)(budget - total) : want_max;
@@ -387,7 +538,10 @@ int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget)
         if (n < 0) {
             if (errno == EAGAIN)
                 break;
-            return total ? total : -errno;
+            int err = -errno;
+            if (gq)
+                gro_flush(cx, st, gq, b, tun_fd);
+            return total ? total : err;
         }
         if (n == 0)
             break;
@@ -407,17 +561,19 @@ int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget)
             }
             uint32_t seg = cx->udp_gro ? gro_size(&msgs[i].msg_hdr) : 0;
             if (seg == 0 || seg >= len) {
-                ingress_one(cx, st, slot, len, now, &from[i], udp_fd, tun_fd);
+                ingress_one(cx, st, slot, len, now, &from[i], udp_fd, tun_fd, gq, b);
                 taken++;
                 continue;
             }
             cx->stats.gro_receives++;
             for (uint32_t off = 0; off < len; off += seg) {
                 uint32_t l = len - off < seg ? len - off : seg;
-                ingress_one(cx, st, slot + off, l, now, &from[i], udp_fd, tun_fd);
+                ingress_one(cx, st, slot + off, l, now, &from[i], udp_fd, tun_fd, gq, b);
                 taken++;
             }
         }
+        if (gq)
+            gro_flush(cx, st, gq, b, tun_fd); /* the slots are reused by the next receive */
         count_batch(st, taken);
         total += (int)taken;
         if ((uint32_t)n < want)

@@ -22,15 +22,7 @@ int fp_ctx_init(fp_ctx *cx, uint32_t local_ip, uint32_t mtu, uint32_t per_packet
 
 uint16_t fp_checksum(const uint8_t *buf, uint32_t len)
 {
-    uint64_t sum = 0;
-    uint32_t i = 0;
-    for (; i + 1 < len; i += 2)
-        sum += (uint32_t)((buf[i] << 8) | buf[i + 1]);
-    if (i < len)
-        sum += (uint32_t)(buf[i] << 8);
-    while (sum >> 16)
-        sum = (sum & 0xffff) + (sum >> 16);
-    return (uint16_t)~sum;
+    return (uint16_t)~csum_fold(csum_add(0, buf, len));
 }
 
 /* Returns a FP_DROP_* reason, or -1 when the header is fine; trims *len to the total length. */

@@ -33,6 +33,7 @@ DROP_REASONS = (
     "ttl_exceeded",
     "no_route",
     "tx_error",
+    "bad_offload",
 )
 SYSCALL_KINDS = ("read", "write", "sendmmsg", "recvmmsg", "sendto", "recvfrom", "poll")
 
@@ -94,6 +95,8 @@ def zero_stats() -> dict:
         "icmp_ratelimited": 0,
         "gso_sends": 0,
         "gro_receives": 0,
+        "tso_reads": 0,
+        "tun_gro_writes": 0,
         "syscalls": dict.fromkeys(SYSCALL_KINDS, 0),
     }
 

@@ -95,6 +95,7 @@ def make_pump(
     sock: socket.socket,
     batch: int,
     offload: bool,
+    vnet: bool = False,
 ) -> Any:
     """The data plane for ``mode``, with an empty route table: C batched, C per-packet, or
     the pure-Python twin."""
@@ -109,7 +110,7 @@ def make_pump(
         routes = fastpath.Routes()
         pump_cls = fastpath.Pump
     if mode == "batched":
-        pump = pump_cls(cx, routes, tun_fd, sock, batch=batch, offload=offload)
+        pump = pump_cls(cx, routes, tun_fd, sock, batch=batch, offload=offload, vnet=vnet)
         on = [name for name, ok in pump.offloads.items() if ok]
         off = [name for name, ok in pump.offloads.items() if not ok]
         if offload and off:
@@ -164,7 +165,13 @@ class DataPlane:
         self.ext, self.mtu = self.select_interface(opts)
         self.sock = open_udp_socket(self.ext.address, self.port)
         tun_address = self.subnet.network_address
-        self.tun = create_tun(opts.tun_name, tun_address, self.network, self.mtu)
+        self.tun = create_tun(
+            opts.tun_name,
+            tun_address,
+            self.network,
+            self.mtu,
+            offload=opts.offload and opts.mode == "batched",
+        )
         self.pump = make_pump(
             opts.mode,
             int(tun_address),
@@ -173,7 +180,10 @@ class DataPlane:
             self.sock,
             opts.batch,
             opts.offload,
+            vnet=self.tun.vnet,
         )
+        if self.tun.vnet:
+            log.debug("TUN offloads on: %s", ", ".join(self.tun.offloads))
 
     async def setup_async(self) -> None:
         """setup() off the loop thread: pyroute2's synchronous API runs its own loop."""

@@ -24,6 +24,8 @@ REPLY_MAX = lib.FP_REPLY_MAX
 HIST_BUCKETS = lib.FP_HIST_BUCKETS
 ICMP_TTL = lib.FP_ICMP_TTL
 DEFAULT_PORT = lib.FP_DEFAULT_PORT
+VNET_HDR_LEN = lib.FP_VNET_HDR_LEN
+AUX_SIZE = 4 << 20  # >= FP_AUX_MIN: room for a few dozen split or merged super-packets
 
 __all__ = [
     "DROP",
@@ -141,6 +143,8 @@ class Context:
             "icmp_ratelimited": s.icmp_ratelimited,
             "gso_sends": s.gso_sends,
             "gro_receives": s.gro_receives,
+            "tso_reads": s.tso_reads,
+            "tun_gro_writes": s.tun_gro_writes,
             "syscalls": {name: s.syscalls[i] for i, name in enumerate(SYSCALL_KINDS)},
         }
 
@@ -180,6 +184,47 @@ def ingress(cx: Context, pkt: bytearray, now_ns: int) -> Decision:
     return _decide(lib.fp_ingress, (cx._cx,), pkt, False, now_ns)
 
 
+def gso_split(buf: bytes | bytearray, mtu: int, max_segs: int = 1024) -> list[bytes]:
+    """fp_gso_split: a virtio-net header + IPv4 (super-)packet -> IPv4 packets of <= mtu
+    bytes. Raises ValueError (EINVAL), OverflowError (EMSGSIZE: over mtu) or MemoryError
+    (ENOSPC)."""
+    src = ffi.from_buffer(buf)
+    cap = len(buf) + max_segs * 120
+    out = ffi.new("uint8_t[]", cap)
+    lens = ffi.new("uint32_t[]", max_segs)
+    n = lib.fp_gso_split(src, len(buf), mtu, out, cap, lens, max_segs)
+    if n < 0:
+        raise {-errno.EINVAL: ValueError, -errno.EMSGSIZE: OverflowError}.get(n, MemoryError)(
+            os.strerror(-n)
+        )
+    segs, at = [], 0
+    for i in range(n):
+        segs.append(bytes(ffi.buffer(out + at, lens[i])))
+        at += lens[i]
+    return segs
+
+
+def gro_coalesce(pkts: list[bytes]) -> list[tuple[bytes, int]]:
+    """fp_gro_coalesce: IPv4 packets -> TUN writes (virtio-net header + packet), each with the
+    number of input packets it carries."""
+    n = len(pkts)
+    bufs = [ffi.from_buffer(p) for p in pkts]
+    arr = ffi.new("uint8_t *[]", bufs) if n else ffi.new("uint8_t *[]", 1)
+    lens = ffi.new("uint32_t[]", [len(p) for p in pkts] or [0])
+    cap = sum(len(p) for p in pkts) + VNET_HDR_LEN * max(n, 1)
+    out = ffi.new("uint8_t[]", cap)
+    out_lens = ffi.new("uint32_t[]", max(n, 1))
+    out_segs = ffi.new("uint32_t[]", max(n, 1))
+    m = lib.fp_gro_coalesce(arr, lens, n, out, cap, out_lens, out_segs, max(n, 1))
+    if m < 0:
+        raise MemoryError(os.strerror(-m))
+    res, at = [], 0
+    for i in range(m):
+        res.append((bytes(ffi.buffer(out + at, out_lens[i])), out_segs[i]))
+        at += out_lens[i]
+    return res
+
+
 class Pump:
     """Both directions of the data plane for one TUN fd and one UDP socket (C pumps).
 
@@ -195,15 +240,19 @@ class Pump:
         udp_sock: socket.socket,
         batch: int = 64,
         offload: bool = False,
+        vnet: bool = False,
     ) -> None:
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be 1..{MAX_BATCH}")
+        if vnet and (cx.per_packet or batch < 2):
+            raise ValueError("vnet headers need batched mode and batch >= 2")
         # UDP GSO/GRO on the socket (batched mode only): what the kernel refused stays off.
         want = lib.FP_OFFLOAD_GSO | lib.FP_OFFLOAD_GRO if offload else 0
         got = lib.fp_udp_offloads(cx._cx, udp_sock.fileno(), want)
         self.offloads = {
             "udp_gso": bool(got & lib.FP_OFFLOAD_GSO),
             "udp_gro": bool(got & lib.FP_OFFLOAD_GRO),
+            "tun_vnet": vnet,
         }
         self.cx = cx
         self.routes = routes
@@ -220,6 +269,14 @@ class Pump:
             self._batches.append((b, b.arena))  # keep the cdata buffer alive with the struct
         self._egress_batch = self._batches[0][0]
         self._ingress_batch = self._batches[1][0]
+        if vnet:
+            # TUN offloads: reads may be 64 KiB super-packets split into aux (egress), and
+            # writes are merged runs built in aux (ingress).
+            cx._cx.vnet = 1
+            self._aux = [bytearray(AUX_SIZE) for _ in range(2)]
+            for (b, _), aux in zip(self._batches, self._aux, strict=True):
+                b.aux = ffi.from_buffer("uint8_t[]", aux, require_writable=True)
+                b.aux_size = AUX_SIZE
 
     def tun_to_udp(self, budget: int) -> int:
         """Forward up to ``budget`` packets from the TUN to their peers; returns packets taken."""

@@ -46,6 +46,7 @@ DROP_REASONS = (
     "ttl_exceeded",
     "no_route",
     "tx_error",
+    "bad_offload",
 )
 SYSCALL_KINDS = ("read", "write", "sendmmsg", "recvmmsg", "sendto", "recvfrom", "poll")
 HIST_BUCKETS = 8
@@ -65,6 +66,7 @@ DEFAULT_PORT = 8285
     _TTL_EXCEEDED,
     _NO_ROUTE,
     _TX_ERROR,
+    _BAD_OFFLOAD,
 ) = range(len(DROP_REASONS))
 _SYS_READ, _SYS_WRITE, _SYS_SENDMMSG, _SYS_RECVMMSG, _SYS_SENDTO, _SYS_RECVFROM, _SYS_POLL = range(
     len(SYSCALL_KINDS)
@@ -236,6 +238,8 @@ class Context:
             "icmp_ratelimited": self.icmp_ratelimited,
             "gso_sends": 0,  # UDP GSO/GRO are C-only (batched mode): always 0 here
             "gro_receives": 0,
+            "tso_reads": 0,  # TUN offloads (vnet headers) are C-only too
+            "tun_gro_writes": 0,
             "syscalls": dict(zip(SYSCALL_KINDS, self.syscalls, strict=True)),
         }
 

@@ -16,9 +16,16 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 TUN_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
 IFNAMSIZ = 16
+# TUNSETOFFLOAD bits: what the kernel may hand us unsegmented / with a partial checksum.
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_USO4 = 0x20  # kernel >= 6.2
+
 # The TUN queue between the kernel and our reads; the kernel default (500) drops bursts that a
 # batched reader would take in a moment later.
 TXQUEUELEN = 1000
@@ -33,6 +40,8 @@ class Tun:
     fd: int
     name: str
     index: int
+    vnet: bool = False  # IFF_VNET_HDR: every read/write carries a virtio-net header
+    offloads: tuple[str, ...] = ()  # what TUNSETOFFLOAD accepted
 
     def close(self) -> None:
         """Close the fd; the device is not persistent, so the kernel removes it and its route."""
@@ -41,9 +50,9 @@ class Tun:
             self.fd = -1
 
 
-def open_tun(name: str) -> tuple[int, str]:
+def open_tun(name: str, vnet: bool = False) -> tuple[int, str]:
     """Create (or attach to) TUN ``name``; returns a non-blocking, close-on-exec fd and the
-    name the kernel gave (``name`` may hold ``%d``)."""
+    name the kernel gave (``name`` may hold ``%d``).  ``vnet``: with IFF_VNET_HDR."""
     if len(name.encode()) >= IFNAMSIZ:
         raise TunError(f"TUN name {name!r} is longer than {IFNAMSIZ - 1} bytes")
     if not os.path.exists(TUN_DEVICE):
@@ -53,7 +62,8 @@ def open_tun(name: str) -> tuple[int, str]:
     except PermissionError as e:
         raise TunError(f"cannot open {TUN_DEVICE}: {e.strerror} (run as root)") from None
     try:
-        ifr = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet else 0)
+        ifr = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
     except OSError as e:
         os.close(fd)
         hint = " (needs CAP_NET_ADMIN: run as root)" if e.errno == 1 else ""
@@ -81,15 +91,38 @@ def _tune_sysctls(name: str) -> None:
         raise TunError(f"cannot set net.ipv4.conf.{name}.accept_local")
 
 
+def set_offloads(fd: int) -> tuple[str, ...]:
+    """Ask for checksum + TSO4 (+ USO4 where the kernel has it) on a vnet TUN; returns what
+    was accepted, () if nothing was."""
+    for bits, names in (
+        (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_USO4, ("csum", "tso4", "uso4")),
+        (TUN_F_CSUM | TUN_F_TSO4, ("csum", "tso4")),
+    ):
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, bits)
+        except OSError:
+            continue
+        return names
+    return ()
+
+
 def create_tun(
     name: str,
     address: ipaddress.IPv4Address,
     network: ipaddress.IPv4Network,
     mtu: int,
+    offload: bool = False,
 ) -> Tun:
     """Open and configure the TUN: ``address``/32, ``mtu``, txqueuelen, IPv6 off, up, and a
-    route for ``network`` through it (an existing identical route is fine)."""
-    fd, real = open_tun(name)
+    route for ``network`` through it (an existing identical route is fine).  ``offload``:
+    open it with virtio-net headers and TSO; if the kernel refuses, without them."""
+    fd, real = open_tun(name, vnet=offload)
+    offloads: tuple[str, ...] = ()
+    if offload:
+        offloads = set_offloads(fd)
+        if not offloads:  # a vnet TUN without offloads only costs: start again without
+            os.close(fd)
+            fd, real = open_tun(name)
     try:
         with IPRoute() as ipr:
             index = ipr.link_lookup(ifname=real)[0]
@@ -108,4 +141,4 @@ def create_tun(
     except BaseException:
         os.close(fd)
         raise
-    return Tun(fd, real, index)
+    return Tun(fd, real, index, vnet=bool(offloads), offloads=offloads)

@@ -1,0 +1,221 @@
+/* offload.c - the virtio-net offload transforms of a TUN opened with IFF_VNET_HDR, as pure
+ * functions: fp_gso_split cuts a TSO/USO super-packet into MTU-sized IPv4 packets with
+ * correct checksums; fp_gro_coalesce merges consecutive segments of one TCP flow into one
+ * super-packet with a virtio-net header.  No syscalls, no globals, no allocation. */
+#include "internal.h"
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_PSH 0x08
+#define TCP_ACK 0x10
+#define TCP_URG 0x20
+#define TCP_ECE 0x40
+#define TCP_CWR 0x80
+#define IPPROTO_TCP_ 6
+#define IPPROTO_UDP_ 17
+#define IP_MAX_LEN 65535
+
+/* The virtio-net header is little-endian (a TUN uses the host's order; x86 and arm64 are LE). */
+static inline uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static inline void wle16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
+
+/* Pseudo-header sum for TCP/UDP over IPv4 (RFC 793 / RFC 768), not folded. */
+static inline uint64_t pseudo_sum(const uint8_t *ip, uint8_t proto, uint32_t l4_len)
+{
+    return (uint64_t)rd16(ip + IP_OFF_SRC) + rd16(ip + IP_OFF_SRC + 2) + rd16(ip + IP_OFF_DST)
+           + rd16(ip + IP_OFF_DST + 2) + proto + l4_len;
+}
+
+static inline void ip_fix(uint8_t *ip, uint32_t ihl, uint32_t total, uint16_t id)
+{
+    wr16(ip + IP_OFF_TOTLEN, (uint16_t)total);
+    wr16(ip + 4, id);
+    wr16(ip + IP_OFF_CSUM, 0);
+    wr16(ip + IP_OFF_CSUM, (uint16_t)~csum_fold(csum_add(0, ip, ihl)));
+}
+
+/* Full L4 checksum of the segment at ip (IPv4 header of ihl bytes, l4_len bytes after it). */
+static inline void l4_fix(uint8_t *ip, uint32_t ihl, uint32_t l4_len, uint8_t proto, uint32_t off)
+{
+    uint8_t *l4 = ip + ihl;
+    wr16(l4 + off, 0);
+    uint16_t c = (uint16_t)~csum_fold(csum_add(pseudo_sum(ip, proto, l4_len), l4, l4_len));
+    if (proto == IPPROTO_UDP_ && c == 0)
+        c = 0xffff; /* RFC 768: a computed zero is sent as all ones */
+    wr16(l4 + off, c);
+}
+
+int fp_gso_split(const uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *out, uint32_t out_cap,
+                 uint32_t *seg_lens, uint32_t max_segs)
+{
+    if (len < FP_VNET_HDR_LEN + 20 || max_segs < 1)
+        return -EINVAL;
+    uint8_t flags = buf[0], gso_type = buf[1] & (uint8_t)~FP_VNET_GSO_ECN;
+    uint32_t gso = le16(buf + 4), csum_start = le16(buf + 6), csum_off = le16(buf + 8);
+    const uint8_t *pkt = buf + FP_VNET_HDR_LEN;
+    uint32_t plen = len - FP_VNET_HDR_LEN;
+    if ((pkt[0] >> 4) != 4)
+        return -EINVAL;
+    uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4;
+    if (ihl < 20 || ihl > plen || rd16(pkt + IP_OFF_TOTLEN) > plen)
+        return -EINVAL;
+
+    if (gso_type == FP_VNET_GSO_NONE) {
+        if (plen > out_cap)
+            return -ENOSPC;
+        memcpy(out, pkt, plen);
+        if (flags & FP_VNET_F_NEEDS_CSUM) {
+            /* The field holds the pseudo-header sum; the sum from csum_start on completes it. */
+            if (csum_start < ihl || csum_start + csum_off + 2 > plen)
+                return -EINVAL;
+            uint16_t c = (uint16_t)~csum_fold(csum_add(0, out + csum_start, plen - csum_start));
+            if (c == 0 && out[IP_OFF_PROTO] == IPPROTO_UDP_)
+                c = 0xffff;
+            wr16(out + csum_start + csum_off, c);
+        }
+        seg_lens[0] = plen;
+        return 1;
+    }
+
+    uint8_t proto = pkt[IP_OFF_PROTO];
+    uint32_t l4h;
+    if (gso_type == FP_VNET_GSO_TCPV4 && proto == IPPROTO_TCP_) {
+        if (ihl + 20 > plen)
+            return -EINVAL;
+        l4h = (uint32_t)(pkt[ihl + 12] >> 4) * 4;
+        if (l4h < 20)
+            return -EINVAL;
+    } else if (gso_type == FP_VNET_GSO_UDP_L4 && proto == IPPROTO_UDP_) {
+        l4h = 8;
+    } else {
+        return -EINVAL;
+    }
+    /* hdr_len from the kernel is not trusted (it may cover the whole first packet on the
+     * forwarding path): the header length comes from the headers themselves. */
+    uint32_t hl = ihl + l4h;
+    if (hl > plen || gso == 0 || (rd16(pkt + IP_OFF_FRAG) & 0x3fff) != 0)
+        return -EINVAL;
+    if (hl + gso > mtu)
+        return -EMSGSIZE;
+    uint32_t pay = plen - hl;
+    uint32_t nseg = pay ? (pay + gso - 1) / gso : 1;
+    if (nseg > max_segs || (uint64_t)nseg * hl + pay > out_cap)
+        return -ENOSPC;
+
+    uint16_t id0 = rd16(pkt + 4);
+    uint32_t seq0 = l4h == 8 ? 0 : rd32(pkt + ihl + 4);
+    uint8_t *o = out;
+    for (uint32_t i = 0; i < nseg; i++) {
+        uint32_t chunk = pay - i * gso < gso ? pay - i * gso : gso;
+        uint32_t seglen = hl + chunk;
+        memcpy(o, pkt, hl);
+        memcpy(o + hl, pkt + hl + i * gso, chunk);
+        ip_fix(o, ihl, seglen, (uint16_t)(id0 + i));
+        uint8_t *l4 = o + ihl;
+        if (proto == IPPROTO_TCP_) {
+            wr32(l4 + 4, seq0 + i * gso);
+            if (i != nseg - 1)
+                l4[13] &= (uint8_t)~(TCP_FIN | TCP_PSH);
+            if (i != 0)
+                l4[13] &= (uint8_t)~TCP_CWR;
+            l4_fix(o, ihl, l4h + chunk, IPPROTO_TCP_, 16);
+        } else {
+            wr16(l4 + 4, (uint16_t)(8 + chunk));
+            l4_fix(o, ihl, 8 + chunk, IPPROTO_UDP_, 6);
+        }
+        seg_lens[i] = seglen;
+        o += seglen;
+    }
+    return (int)nseg;
+}
+
+/* A TCP segment that may take part in coalescing: option-less IPv4, not a fragment, data,
+ * ACK set and none of SYN/FIN/RST/URG/ECE/CWR, checksum valid (merging must not hide a
+ * corrupted segment behind the NEEDS_CSUM of the super-packet).  Returns the TCP header
+ * length, or 0. */
+static uint32_t gro_candidate(const uint8_t *p, uint32_t len)
+{
+    if (len < 40 || p[0] != 0x45 || p[IP_OFF_PROTO] != IPPROTO_TCP_
+        || (rd16(p + IP_OFF_FRAG) & 0x3fff) != 0 || rd16(p + IP_OFF_TOTLEN) != len)
+        return 0;
+    const uint8_t *t = p + 20;
+    uint32_t thl = (uint32_t)(t[12] >> 4) * 4;
+    if (thl < 20 || 20 + thl >= len)
+        return 0;
+    uint8_t fl = t[13];
+    if (!(fl & TCP_ACK) || (fl & (TCP_SYN | TCP_FIN | TCP_RST | TCP_URG | TCP_ECE | TCP_CWR)))
+        return 0;
+    if (csum_fold(csum_add(pseudo_sum(p, IPPROTO_TCP_, len - 20), t, len - 20)) != 0xffff)
+        return 0;
+    return thl;
+}
+
+/* May cur follow prev (a run started by first, with gso bytes of payload per segment)? */
+static int gro_follows(const uint8_t *first, const uint8_t *prev, uint32_t prev_len,
+                       const uint8_t *cur, uint32_t cur_len, uint32_t thl, uint32_t gso)
+{
+    const uint8_t *ft = first + 20, *pt = prev + 20, *ct = cur + 20;
+    if (prev_len - 20 - thl != gso || (pt[13] & TCP_PSH))
+        return 0; /* prev was short or pushed: it ended the run */
+    if (cur_len - 20 - thl > gso)
+        return 0;
+    /* same TOS, DF, TTL, addresses; same ports, ack, header length, flags but PSH, window
+     * and options; next sequence number */
+    if (first[1] != cur[1] || (first[6] & 0x40) != (cur[6] & 0x40) || first[8] != cur[8]
+        || memcmp(first + 12, cur + 12, 8) != 0)
+        return 0;
+    if (memcmp(ft, ct, 4) != 0 || memcmp(ft + 8, ct + 8, 4) != 0 || ft[12] != ct[12]
+        || (ft[13] | TCP_PSH) != (ct[13] | TCP_PSH) || memcmp(ft + 14, ct + 14, 2) != 0
+        || memcmp(ft + 20, ct + 20, thl - 20) != 0)
+        return 0;
+    return rd32(ct + 4) == rd32(pt + 4) + gso;
+}
+
+int fp_gro_coalesce(uint8_t **pkts, const uint32_t *lens, uint32_t n, uint8_t *out,
+                    uint32_t out_cap, uint32_t *out_lens, uint32_t *out_segs, uint32_t max_out)
+{
+    uint32_t m = 0, used = 0, i = 0;
+    while (i < n) {
+        uint32_t j = i + 1, thl = gro_candidate(pkts[i], lens[i]);
+        uint32_t gso = thl ? lens[i] - 20 - thl : 0, total = lens[i];
+        while (thl && j < n && j - i < FP_GSO_MAX_SEGS && gro_candidate(pkts[j], lens[j]) == thl
+               && total + lens[j] - 20 - thl <= IP_MAX_LEN
+               && gro_follows(pkts[i], pkts[j - 1], lens[j - 1], pkts[j], lens[j], thl, gso)) {
+            total += lens[j] - 20 - thl;
+            j++;
+        }
+        if (m >= max_out || used + FP_VNET_HDR_LEN + total > out_cap)
+            return -ENOSPC;
+        uint8_t *v = out + used, *p = v + FP_VNET_HDR_LEN;
+        memset(v, 0, FP_VNET_HDR_LEN);
+        if (j - i == 1) {
+            memcpy(p, pkts[i], lens[i]);
+        } else {
+            uint32_t hl = 20 + thl;
+            v[0] = FP_VNET_F_NEEDS_CSUM;
+            v[1] = FP_VNET_GSO_TCPV4;
+            wle16(v + 2, (uint16_t)hl);
+            wle16(v + 4, (uint16_t)gso);
+            wle16(v + 6, 20);
+            wle16(v + 8, 16);
+            memcpy(p, pkts[i], hl);
+            uint32_t at = hl;
+            for (uint32_t k = i; k < j; k++) {
+                memcpy(p + at, pkts[k] + hl, lens[k] - hl);
+                at += lens[k] - hl;
+            }
+            p[20 + 13] |= pkts[j - 1][20 + 13] & TCP_PSH;
+            ip_fix(p, 20, total, rd16(pkts[i] + 4));
+            /* CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum; the kernel
+             * completes it from csum_start (RFC 1071 linearity). */
+            wr16(p + 20 + 16, csum_fold(pseudo_sum(p, IPPROTO_TCP_, total - 20)));
+        }
+        out_lens[m] = FP_VNET_HDR_LEN + total;
+        out_segs[m] = j - i;
+        used += FP_VNET_HDR_LEN + total;
+        m++;
+        i = j;
+    }
+    return (int)m;
+}
