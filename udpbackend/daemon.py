@@ -28,8 +28,9 @@ from .tun import Tun, TunError, create_tun
 log = logging.getLogger("udpbackend")
 
 ENCAP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8): flannel's TUN MTU is the underlay's minus this
-# Socket buffers: large enough to absorb a full batch from every reader wake-up in both
-# directions without drops at multi-Gbit/s, small enough not to add queueing delay.
+# Socket buffers, measured (2-node netns, batched with offloads, iperf3 4 s, 2 runs each):
+# 256 KiB 5.2-6.3 Gbit/s with ~10^5 TCP retransmits, 1 MiB 7.2-7.5 with 1.7k-11k, 4 MiB 7.3 with
+# none, 16 MiB 6.9-7.3 with none: 4 MiB is the smallest without drops.
 SOCKET_BUFFER = 4 << 20
 STATS_INTERVAL = 1.0
 

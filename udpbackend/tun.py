@@ -26,8 +26,10 @@ TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_USO4 = 0x20  # kernel >= 6.2
 
-# The TUN queue between the kernel and our reads; the kernel default (500) drops bursts that a
-# batched reader would take in a moment later.
+# The TUN queue between the kernel and our reads. Measured (2-node netns, iperf3 4 s): it
+# matters for the per-packet loop - 100: 68.9k TCP retransmits, 500: 12.1k, 1000: 3.2k at
+# 1.3-1.4 Gbit/s, 5000: none but 1.05 Gbit/s and up to ~40 ms of queue - and not for the
+# offload path, whose queue holds super-packets (no retransmits at any length).
 TXQUEUELEN = 1000
 
 
