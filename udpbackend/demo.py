@@ -1,34 +1,44 @@
-"""`udpbackend demo`: two nodes in throw-away network namespaces, ping and iperf3 across.
+"""`udpbackend demo`: a real etcd and N nodes in throw-away network namespaces, like flannel.
 
-Lives here: run_demo() and its friendly output. It drives the daemon only as a subprocess through
-udpbackend.testbed, so it must not import the data plane (or anything but testbed). Everything it
-creates is removed on success, on error and on Ctrl-C.
+Lives here: run_demo() and its friendly output. It starts etcd in a hub namespace, writes the
+network config, starts `udpbackend run --etcd-endpoints ...` in each node namespace, waits until
+every node routes to every other, then shows the leases, all-pairs ping and one iperf3 run. It
+drives the daemon only as a subprocess through udpbackend.testbed, so it must not import the
+data plane (or anything but testbed). Everything it creates is removed on success, on error and
+on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any, TextIO
+from collections.abc import Callable, Iterator
+from typing import TextIO
 
 from .testbed import (
-    OVERLAY_NETWORK,
+    BRIDGE_NAME,
+    DEFAULT_NETWORK_CONFIG,
+    ETCD_PREFIX,
+    HUB,
+    HUB_ADDR,
     UDP_PORT,
+    Cluster,
     DaemonError,
-    Node,
     PingResult,
-    Testbed,
     TestbedError,
-    missing_requirements,
+    cluster_missing_requirements,
 )
 
-PING_COUNT = 20
+PING_COUNT = 10
 NS_PREFIX = "ubdemo"
+MAX_NODES = 20
+
+Say = Callable[[str], None]
 
 
 def _fmt_ping(label: str, res: PingResult) -> str:
@@ -40,22 +50,13 @@ def _fmt_ping(label: str, res: PingResult) -> str:
     )
 
 
-def counters_summary(stats: dict[str, Any]) -> dict[str, float]:
-    """Totals from a daemon stats document: packets each way, drops, mean batch, syscalls/pkt."""
-    st = stats.get("stats", {})
-    eg, ing = st.get("egress", {}), st.get("ingress", {})
-    rx = eg.get("rx_packets", 0) + ing.get("rx_packets", 0)
-    batches = eg.get("batches", 0) + ing.get("batches", 0)
-    drops = sum(eg.get("drops", {}).values()) + sum(ing.get("drops", {}).values())
-    syscalls = sum(st.get("syscalls", {}).values())
-    return {
-        "tun_to_udp": eg.get("tx_packets", 0),
-        "udp_to_tun": ing.get("tx_packets", 0),
-        "drops": drops,
-        "mean_batch": rx / batches if batches else 0.0,
-        "syscalls_per_packet": syscalls / rx if rx else 0.0,
-        "icmp": st.get("icmp_unreachable", 0) + st.get("icmp_time_exceeded", 0),
-    }
+def _by_subnet(item: tuple[str, str]) -> tuple[int, str]:
+    """Sort key for (subnet key, value): numerically by the subnet in the key."""
+    addr = item[0].rsplit("/", 1)[-1].split("-", 1)[0]
+    try:
+        return int(ipaddress.IPv4Address(addr)), item[0]
+    except ValueError:
+        return -1, item[0]
 
 
 @contextlib.contextmanager
@@ -79,86 +80,83 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def run_demo(mode: str = "batched", seconds: float = 3.0, out: TextIO | None = None) -> int:
-    """Build two namespaces, run a daemon in each, show ping/iperf3/counters, remove it all.
+def run_demo(
+    mode: str = "batched", seconds: float = 3.0, nodes: int = 3, out: TextIO | None = None
+) -> int:
+    """Build etcd + `nodes` node namespaces, run a daemon in each, show leases, ping and
+    iperf3, then remove it all.
 
-    Returns 0 on success, 1 on failure, 130 on Ctrl-C (nothing is left behind in any case).
+    Returns 0 on success, 1 on failure, 2 for a bad node count, 130 on Ctrl-C (nothing is left
+    behind in any case).
     """
     out = sys.stdout if out is None else out
 
     def say(line: str = "") -> None:
         print(line, file=out, flush=True)
 
-    missing = missing_requirements()
+    if not 2 <= nodes <= MAX_NODES:
+        say(f"udpbackend demo: --nodes must be 2..{MAX_NODES}")
+        return 2
+    missing = cluster_missing_requirements()
     if missing:
         say(f"udpbackend demo needs {', '.join(missing)}; missing here")
         return 1
     try:
-        with _sigterm_as_interrupt(), Testbed(prefix=NS_PREFIX) as tb:
-            return _demo(tb, mode, seconds, say)
+        with _sigterm_as_interrupt(), Cluster(nodes=nodes, prefix=NS_PREFIX) as cl:
+            return _demo(cl, mode, seconds, nodes, say)
     except KeyboardInterrupt:
-        say("\ninterrupted: daemons stopped, namespaces removed")
+        say("\ninterrupted: daemons and etcd stopped, namespaces removed")
         return 130
     except (TestbedError, OSError) as e:
         say(f"demo failed: {e}")
-        say("(daemons stopped, namespaces removed)")
+        say("(daemons and etcd stopped, namespaces removed)")
         return 1
 
 
-def _demo(tb: Testbed, mode: str, seconds: float, say: Any) -> int:
-    say(f"udpbackend demo, mode {mode}: two nodes in network namespaces joined by a veth pair")
-    for n in ("a", "b"):
-        say(
-            f"  node {n.upper()}  netns {tb.ns[n]:<20} {tb.veth(n)} {tb.underlay_addr(n)}/24  "
-            f"flannel0 {tb.tun_addr(n)}  owns {tb.subnet(n)}"
-        )
-    say(f"  overlay {OVERLAY_NETWORK}: packets read from flannel0 travel in UDP port {UDP_PORT}")
-
-    t0 = time.monotonic()
-    say("starting the daemons ...")
-    nodes: dict[str, Node] = {n: tb.start_node(n, mode) for n in ("a", "b")}
-    state = tb.tun_state("a") or {}
+def _demo(cl: Cluster, mode: str, seconds: float, count: int, say: Say) -> int:
+    say(f"udpbackend demo, mode {mode}: a real etcd and {count} nodes in network namespaces")
     say(
-        f"  ready in {time.monotonic() - t0:.1f} s (pids {nodes['a'].pid}, {nodes['b'].pid}; "
-        f"TUN MTU {state.get('mtu', '?')})"
+        f"  hub  netns {cl.ns_name(HUB)}  bridge {BRIDGE_NAME} {HUB_ADDR}/24, "
+        f"etcd at {cl.etcd_endpoint}"
     )
+    config = cl.put_config(DEFAULT_NETWORK_CONFIG)
+    say(f"  network config {ETCD_PREFIX}/config = {config}")
 
-    say(f"ping over the overlay ({PING_COUNT} each):")
+    say(f"starting {count} nodes (udpbackend run --etcd-endpoints {cl.etcd_endpoint}) ...")
+    for i in range(count):
+        node = cl.start_etcd_node(i, mode=mode)
+        ready = (node.ready_at or time.time()) - node.spawned_at
+        say(
+            f"  n{i}  {cl.underlay_addr(i)} ({cl.veth(i)}, netns {cl.ns_name(i)})  "
+            f"lease {node.subnet()}  ready in {ready:.1f} s"
+        )
+    waited = cl.wait_converged()
+    say(f"converged: every node routes to every other ({waited:.1f} s after the last was ready)")
+
+    say(f"leases in etcd (etcdctl get --prefix {ETCD_PREFIX}/subnets):")
+    for key, value in sorted(cl.leases().items(), key=_by_subnet):
+        say(f"  {key}  {value}")
+
+    say(f"ping over the overlay, every pair ({PING_COUNT} each, UDP port {UDP_PORT}):")
     ok = True
-    for src, dst in (("a", "b"), ("b", "a")):
-        res = tb.ping(src, tb.tun_addr(dst), count=PING_COUNT, interval=0.01)
+    for (a, b), res in cl.ping_all(count=PING_COUNT, interval=0.01).items():
         ok &= res.received == res.sent
-        say(_fmt_ping(f"{src.upper()} {tb.tun_addr(src)} -> {dst.upper()} {tb.tun_addr(dst)}", res))
-    base = tb.ping("a", tb.underlay_addr("b"), count=PING_COUNT, interval=0.01)
-    say(f"  (plain veth A -> B without overlay: p50 {base.p50_ms:.3f} ms)")
+        say(_fmt_ping(f"n{a} {cl.tun_addr(a):<13} -> n{b} {cl.tun_addr(b):<13}", res))
 
     secs = max(1, round(seconds))
-    ip = tb.iperf3("a", tb.tun_addr("b"), seconds=secs)
+    ip = cl.iperf3(0, 1, seconds=secs)
     say(
-        f"TCP throughput A -> B over the overlay (iperf3, {secs} s): "
+        f"TCP throughput n0 -> n1 over the overlay (iperf3, {secs} s): "
         f"{ip.gbps:.2f} Gbit/s, {ip.retransmits} retransmits"
     )
 
-    codes = {n: node.stop(check=False) for n, node in nodes.items()}
-    say("daemon counters (final, after SIGTERM):")
-    for n, node in nodes.items():
-        try:
-            c = counters_summary(node.stats())
-        except TestbedError as e:
-            say(f"  {n.upper()}  no stats: {e}")
-            ok = False
-            continue
-        say(
-            f"  {n.upper()}  tun->udp {c['tun_to_udp']:,} pkts  udp->tun {c['udp_to_tun']:,} pkts  "
-            f"drops {c['drops']:,}  mean batch {c['mean_batch']:.1f}  "
-            f"syscalls/pkt {c['syscalls_per_packet']:.2f}"
-        )
-    if any(codes.values()):
-        for n, node in nodes.items():
-            if codes[n]:
-                say(f"daemon {n.upper()} exited with {codes[n]}:\n{node.log_tail(10)}")
+    codes = cl.stop_all()
+    bad = {i: rc for i, rc in codes.items() if rc != 0}
+    if bad:
+        for i in bad:
+            say(f"daemon n{i} exited with {bad[i]}:\n{cl.nodes[i].log_tail(10)}")
         raise DaemonError(f"daemon exit codes {codes}")
-    say("both daemons exited 0 and removed flannel0; removing the namespaces.")
+    say("all daemons exited 0 on SIGTERM; stopping etcd and removing the namespaces.")
     if not ok:
         say("some pings were lost")
         return 1

@@ -194,8 +194,9 @@ class EtcdNode:
         assert self.lease
         while not self.stop.is_set():
             at = self.manager.renew_at(self.lease, self.opts.renew_margin_minutes)
-            if at is None:
-                return  # a reservation: nothing to renew
+            if at is None:  # a reservation: nothing to renew, ever
+                await self.stop.wait()
+                return
             await asyncio.sleep(max(0.0, at - time.time()))
             try:
                 self.lease = await self.manager.renew_lease(self.lease, ttl=LEASE_TTL)
