@@ -232,3 +232,11 @@ int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
  *      round go through fp_gro_coalesce into b->aux first: one write per merged run. */
 int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int udp_fd, int budget);
 int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget);
+
+/* The same pumps driven by a tight C loop instead of the Python event loop (a yardstick for
+ * what the Python glue costs): epoll on tun_fd, udp_fd and stop_fd, level-triggered; each
+ * readable fd gets one pump call with `budget`.  Returns 0 once stop_fd is readable, or
+ * -errno.  Blocks: call it without the GIL (cffi releases it) from a thread of its own, and
+ * change nothing it reads (routes, cx) until it has returned. */
+int fp_run(fp_ctx *cx, const fp_routes *rt, fp_batch *egress, fp_batch *ingress, int tun_fd,
+           int udp_fd, int stop_fd, int budget);

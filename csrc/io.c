@@ -17,6 +17,7 @@
 #include <netinet/udp.h>
 #include <poll.h>
 #include <sys/uio.h>
+#include <sys/epoll.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -580,4 +581,47 @@ int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget)
             break;
     }
     return total;
+}
+
+int fp_run(fp_ctx *cx, const fp_routes *rt, fp_batch *egress, fp_batch *ingress, int tun_fd,
+           int udp_fd, int stop_fd, int budget)
+{
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0)
+        return -errno;
+    int fds[3] = { tun_fd, udp_fd, stop_fd };
+    for (int i = 0; i < 3; i++) {
+        struct epoll_event ev = { .events = EPOLLIN, .data.fd = fds[i] };
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &ev) < 0) {
+            int err = -errno;
+            close(ep);
+            return err;
+        }
+    }
+    int rc = 0;
+    for (;;) {
+        struct epoll_event evs[3];
+        int n = epoll_wait(ep, evs, 3, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = -errno;
+            break;
+        }
+        int stop = 0;
+        for (int i = 0; i < n && rc >= 0; i++) {
+            int fd = evs[i].data.fd;
+            if (fd == stop_fd)
+                stop = 1;
+            else if (fd == tun_fd)
+                rc = fp_tun_to_udp(cx, rt, egress, tun_fd, udp_fd, budget);
+            else
+                rc = fp_udp_to_tun(cx, ingress, udp_fd, tun_fd, budget);
+        }
+        if (stop || rc < 0)
+            break;
+        rc = 0;
+    }
+    close(ep);
+    return rc < 0 ? rc : 0;
 }

@@ -51,6 +51,7 @@ class RunOptions:
     batch: int = packet.MAX_BATCH
     offload: bool = True  # --offload auto: UDP GSO/GRO where the kernel has them
     mode: str = "batched"
+    driver: str = "python"  # static mode: "c" runs the pumps from fp_run's C loop instead
     ip_masq: bool = False
     forward_rules: bool = True
     iptables_resync: int = 5
@@ -251,6 +252,32 @@ async def _until_stopped(plane: DataPlane, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), STATS_INTERVAL)
 
 
+async def _run_c_driver(plane: DataPlane, stop: asyncio.Event, failed: list[OSError]) -> None:
+    """Static mode with --driver c: the pumps run in fp_run's C loop on a thread of its own
+    while this loop only writes the stats file and waits for a signal."""
+    from .forwarder import DEFAULT_BUDGET
+
+    stop_r, stop_w = os.pipe()
+    try:
+        thread = asyncio.create_task(
+            asyncio.to_thread(plane.pump.run_c_loop, stop_r, DEFAULT_BUDGET)
+        )
+        log.info("ready: %s, %d routes, C driver", plane.describe(), len(plane.pump.routes))
+        waiter = asyncio.create_task(_until_stopped(plane, stop))
+        await asyncio.wait([thread, waiter], return_when=asyncio.FIRST_COMPLETED)
+        os.write(stop_w, b"x")
+        try:
+            await thread
+        except OSError as e:
+            log.error("C driver stopped: %s", e.strerror or e)
+            failed.append(e)
+        stop.set()
+        await waiter
+    finally:
+        os.close(stop_r)
+        os.close(stop_w)
+
+
 async def run_static(cfg: NodeConfig, opts: RunOptions) -> int:
     """A node from static flags: routes to the given peers, no etcd."""
     loop = asyncio.get_running_loop()
@@ -272,9 +299,12 @@ async def run_static(cfg: NodeConfig, opts: RunOptions) -> int:
             )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        plane.start(loop, on_error)
-        log.info("ready: %s, %d routes", plane.describe(), len(plane.pump.routes))
-        await _until_stopped(plane, stop)
+        if opts.driver == "c":
+            await _run_c_driver(plane, stop, failed)
+        else:
+            plane.start(loop, on_error)
+            log.info("ready: %s, %d routes", plane.describe(), len(plane.pump.routes))
+            await _until_stopped(plane, stop)
         assert plane.tun
         log.info("stopping: removing %s", plane.tun.name)
     finally:

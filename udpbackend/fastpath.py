@@ -298,3 +298,14 @@ class Pump:
         if rc < 0:
             raise _oserror(rc)
         return int(rc)
+
+    def run_c_loop(self, stop_fd: int, budget: int) -> None:
+        """Drive both directions from fp_run's tight C epoll loop until ``stop_fd`` becomes
+        readable (the yardstick the Python driver is measured against). Blocks without the
+        GIL: run it in a thread of its own, and change no routes meanwhile."""
+        e, i = self._egress_batch, self._ingress_batch
+        rc = lib.fp_run(
+            self.cx._cx, self.routes._rt, e, i, self.tun_fd, self._udp_fd, stop_fd, budget
+        )
+        if rc < 0:
+            raise _oserror(rc)
