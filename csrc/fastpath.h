@@ -165,9 +165,10 @@ int fp_udp_offloads(fp_ctx *cx, int udp_fd, uint32_t want);
  * seg_lens[i] their lengths: GSO_NONE -> the packet itself, its L4 checksum completed if
  * NEEDS_CSUM; TCPV4 / UDP_L4 -> gso_size payload bytes per segment, headers copied, IP
  * length, id (+i) and checksum, TCP sequence number (FIN/PSH only on the last, CWR only on the
- * first) or UDP length, and the full L4 checksum set.  hdr_len is not trusted.
- * Returns the number of segments, -EINVAL for a header or packet that cannot be split,
- * -EMSGSIZE when a segment would pass mtu, -ENOSPC when out or max_segs is too small. */
+ * first) or UDP length, and the full L4 checksum set.  hdr_len is not trusted; bytes past
+ * the IPv4 total length are ignored.  Returns the number of segments, -EINVAL for a header
+ * or packet that cannot be split, -EMSGSIZE when a segment would pass mtu (counted as an
+ * oversize drop by the pump), -ENOSPC when out or max_segs is too small. */
 int fp_gso_split(const uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *out, uint32_t out_cap,
                  uint32_t *seg_lens, uint32_t max_segs);
 
@@ -177,8 +178,9 @@ int fp_gso_split(const uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *out, u
  * of one payload size but a shorter or PSH-marked last, <= FP_GSO_MAX_SEGS and 65535 bytes)
  * becomes one super-packet with a TCPV4/NEEDS_CSUM virtio-net header; anything else passes
  * alone behind a zero header.  Output i is out_lens[i] bytes (header included) carrying
- * out_segs[i] input packets, one after another in out.  Order is kept.  Returns the number
- * of outputs or -ENOSPC. */
+ * out_segs[i] input packets, one after another in out.  Order is kept.  Only the TCP checksum
+ * is verified here (the pump has checked every IPv4 header before).  Returns the number of
+ * outputs or -ENOSPC. */
 int fp_gro_coalesce(uint8_t **pkts, const uint32_t *lens, uint32_t n, uint8_t *out,
                     uint32_t out_cap, uint32_t *out_lens, uint32_t *out_segs, uint32_t max_out);
 
@@ -223,7 +225,9 @@ int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
  *      datagram.  A socket that stays full after one wait of 5 ms and one retry, or refuses a
  *      datagram, costs a FP_DROP_TX_ERROR per datagram.
  *   With cx->vnet, step 1 reads one (super-)packet per read and fp_gso_split cuts it into
- *   b->aux; segments are queued (up to FP_MAX_QUEUE) across reads before step 3.
+ *   b->aux; segments are queued (up to FP_MAX_QUEUE) across reads before step 3.  The budget
+ *   counts segments and a super-packet is taken whole, so the last read may pass it by up to
+ *   its own segments.
  * fp_udp_to_tun (ingress), one round:
  *   1. one recvmmsg of up to nslots datagrams (per_packet: one recvfrom); with udp_gro a
  *      message may hold several datagrams of the size the kernel reports, split here;

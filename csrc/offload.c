@@ -49,17 +49,20 @@ static inline void l4_fix(uint8_t *ip, uint32_t ihl, uint32_t l4_len, uint8_t pr
 int fp_gso_split(const uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *out, uint32_t out_cap,
                  uint32_t *seg_lens, uint32_t max_segs)
 {
-    if (len < FP_VNET_HDR_LEN + 20 || max_segs < 1)
+    if (len < FP_VNET_HDR_LEN + 20)
         return -EINVAL;
+    if (max_segs < 1)
+        return -ENOSPC;
     uint8_t flags = buf[0], gso_type = buf[1] & (uint8_t)~FP_VNET_GSO_ECN;
     uint32_t gso = le16(buf + 4), csum_start = le16(buf + 6), csum_off = le16(buf + 8);
     const uint8_t *pkt = buf + FP_VNET_HDR_LEN;
     uint32_t plen = len - FP_VNET_HDR_LEN;
     if ((pkt[0] >> 4) != 4)
         return -EINVAL;
-    uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4;
-    if (ihl < 20 || ihl > plen || rd16(pkt + IP_OFF_TOTLEN) > plen)
+    uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4, tot = rd16(pkt + IP_OFF_TOTLEN);
+    if (ihl < 20 || ihl > plen || tot > plen || tot < ihl)
         return -EINVAL;
+    plen = tot; /* bytes past the IPv4 total length are not part of the packet */
 
     if (gso_type == FP_VNET_GSO_NONE) {
         if (plen > out_cap)
@@ -96,9 +99,9 @@ int fp_gso_split(const uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *out, u
     uint32_t hl = ihl + l4h;
     if (hl > plen || gso == 0 || (rd16(pkt + IP_OFF_FRAG) & 0x3fff) != 0)
         return -EINVAL;
-    if (hl + gso > mtu)
-        return -EMSGSIZE;
     uint32_t pay = plen - hl;
+    if (hl + (pay < gso ? pay : gso) > mtu)
+        return -EMSGSIZE;
     uint32_t nseg = pay ? (pay + gso - 1) / gso : 1;
     if (nseg > max_segs || (uint64_t)nseg * hl + pay > out_cap)
         return -ENOSPC;

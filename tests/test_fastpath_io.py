@@ -7,10 +7,28 @@ import os
 import select
 import socket
 import struct
+import time
 from types import ModuleType
 
 import pytest
-from packets import forwarded, icmp_error, ip, ipv4, ipv4_udp, mutate, nonzero
+from packets import forwarded, header_ok, icmp_error, ip, ipv4, ipv4_udp, mutate, nonzero
+from test_offload import (
+    ACK,
+    GSO_NONE,
+    GSO_UDP_L4,
+    NEEDS_CSUM,
+    PSH,
+    TS_OPTS,
+    complete,
+    expect_tcp,
+    flow,
+    l4_ok,
+    payload,
+    ref_merge,
+    tcp4,
+    tso,
+    vnet,
+)
 
 LOCAL = ip("198.18.0.1")
 SRC = "198.18.5.5"
@@ -372,6 +390,44 @@ def test_ingress_garbage(make_rig, mode):
     assert {k: v for k, v in d.items() if v} == {"too_short": 2, "not_ipv4": 1, "bad_checksum": 1}
 
 
+def fill(sock: socket.socket) -> int:
+    """Send from sock until its buffer is full; the number of datagrams that went."""
+    n = 0
+    while True:
+        try:
+            sock.send(b"filler")
+        except BlockingIOError:
+            return n
+        n += 1
+
+
+def test_full_tun_costs_tx_error(make_rig, mode):
+    rig = make_rig(mode)
+    rig.tun_fd_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    filler = fill(rig.tun_fd_end)  # the pump's writes into the TUN now get EAGAIN
+    ok, ttl1 = ipv4_udp(SRC, DST, b"in"), ipv4_udp(SRC, UNROUTED, b"out", ttl=1)
+    rig.from_peer(ok)
+    rig.to_tun(ttl1)
+    t0 = time.monotonic()
+    assert rig.pump.udp_to_tun(10) == 1
+    assert rig.pump.tun_to_udp(10) == 1
+    assert time.monotonic() - t0 < 1.0, "a full TUN costs a short wait, never a block"
+    s = rig.cx.stats()
+    assert s["ingress"]["drops"]["tx_error"] == 1 and s["ingress"]["tx_packets"] == 0
+    assert s["egress"]["drops"] == {
+        **dict.fromkeys(s["egress"]["drops"], 0),
+        "ttl_exceeded": 1,
+        "tx_error": 1,
+    }
+    assert s["icmp_time_exceeded"] == 1, "the reply was built, then could not be written"
+    # one write each, one wait each (it times out: nothing drains the TUN), no retry
+    assert (s["syscalls"]["write"], s["syscalls"]["poll"]) == (2, 2)
+    assert len(rig.tun_out()) == filler, "only the filler reached the TUN"
+    rig.from_peer(ok)
+    assert rig.pump.udp_to_tun(10) == 1
+    assert rig.tun_out() == [forwarded(ok)], "once drained, the TUN takes packets again"
+
+
 # --- UDP GSO/GRO (C, batched only): still one IPv4 packet per datagram on the wire ---------
 
 UDP_SEGMENT = 103
@@ -392,6 +448,36 @@ def test_gso_egress_one_packet_per_datagram(make_rig):
     assert s["egress"]["tx_bytes"] == sum(map(len, pkts))
     assert s["gso_sends"] >= 1
     assert s["syscalls"]["sendmmsg"] == 1
+
+
+def test_gso_runs_split_by_peer_size_and_limit(make_rig):
+    rig = make_rig("c-batched", batch=64, offload=True)
+    if not rig.pump.offloads["udp_gso"]:
+        pytest.skip("the kernel refused UDP_SEGMENT on this socket")
+    peer2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        peer2.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        peer2.bind(("127.0.0.1", 0))
+        peer2.setblocking(False)
+        rig.routes.set(ip("198.19.3.0"), 24, ip("127.0.0.1"), peer2.getsockname()[1])
+        to1, to2 = "198.19.1.9", "198.19.3.9"
+        # MTU-sized packets: 64 of them exceed one UDP_SEGMENT message's 65507 bytes.
+        big = [ipv4_udp(SRC, to1, bytes([i]) * (MTU - 28)) for i in range(50)]
+        mixed = []
+        for i in range(14):  # runs interrupted by the other peer and by size changes
+            mixed.append(ipv4_udp(SRC, to1 if i % 3 else to2, bytes([i]) * (100 + 7 * (i % 4))))
+        rig.to_tun(*big, *mixed)
+        assert rig.pump.tun_to_udp(64) == 64
+        want1 = [forwarded(p) for p in big + mixed if p[16:20] == ip(to1).to_bytes(4, "big")]
+        want2 = [forwarded(p) for p in mixed if p[16:20] == ip(to2).to_bytes(4, "big")]
+        assert [d for d, _ in rig.peer_in(len(want1))] == want1
+        select.select([peer2], [], [], 1.0)
+        assert _drain(peer2) == want2
+        s = rig.cx.stats()
+        assert s["egress"]["tx_packets"] == 64 and s["egress"]["drops"]["tx_error"] == 0
+        assert s["gso_sends"] >= 2, "50 MTU-sized packets need at least two GSO messages"
+    finally:
+        peer2.close()
 
 
 def test_gro_ingress_split_into_packets(make_rig):
@@ -526,3 +612,216 @@ def test_unreadable_tun_fd(request, mode):
 def test_bad_batch(impl, batch):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock, pytest.raises(ValueError):
         impl.Pump(impl.Context(LOCAL, MTU), impl.Routes(), 0, sock, batch=batch)
+
+
+# --- TUN offloads (C, batched, vnet): frames on the fake TUN carry a virtio-net header -------
+# The socketpair stands in for a TUN opened with IFF_VNET_HDR and TUNSETOFFLOAD(CSUM|TSO4):
+# every datagram written into it is what the kernel would hand over (10-byte header, then an
+# IPv4 (super-)packet), and everything the pump writes must start with a header too.
+
+VNET_MSS = MTU - 52  # TCP over IPv4 with timestamps: a full segment is exactly the MTU
+
+
+def vnet_rig(make_rig, batch: int = 8, offload: bool = False) -> Rig:
+    """A batched C rig whose pump has vnet headers on (Pump(vnet=True))."""
+    rig = make_rig("c-batched", batch=batch, offload=offload)
+    rig.pump = rig.impl.Pump(
+        rig.cx,
+        rig.routes,
+        rig.tun_fd_end.fileno(),
+        rig.sock,
+        batch=batch,
+        offload=offload,
+        vnet=True,
+    )
+    assert rig.pump.offloads["tun_vnet"] is True
+    return rig
+
+
+def tso_to(dst: str, data: bytes, **kw) -> bytes:
+    """A TSO super-packet from SRC to dst (timestamps, MSS that fills the MTU)."""
+    return tso(data, VNET_MSS, src=SRC, dst=dst, opts=TS_OPTS, **kw)
+
+
+def tso_segments(dst: str, data: bytes, **kw) -> list[bytes]:
+    return expect_tcp(data, VNET_MSS, src=SRC, dst=dst, opts=TS_OPTS, **kw)
+
+
+def test_vnet_needs_batched_mode(c_impl):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for cx, batch in (
+            (c_impl.Context(LOCAL, MTU, per_packet=True), 8),
+            (c_impl.Context(LOCAL, MTU), 1),
+        ):
+            with pytest.raises(ValueError):
+                c_impl.Pump(cx, c_impl.Routes(), 0, sock, batch=batch, vnet=True)
+
+
+def test_vnet_tso_leaves_as_mtu_sized_datagrams(make_rig):
+    rig = vnet_rig(make_rig)
+    data = payload(20000, seed=3)
+    want = tso_segments(DST, data, flags=ACK | PSH)
+    assert len(want) == 15
+    rig.to_tun(tso_to(DST, data, flags=ACK | PSH))
+    assert rig.pump.tun_to_udp(100) == 15, "the pump counts the segments it cut"
+    got = [d for d, _ in rig.peer_in(15)]
+    assert got == [forwarded(p) for p in want]
+    for d in got:
+        assert len(d) <= MTU and header_ok(d) and l4_ok(d)
+    assert b"".join(d[52:] for d in got) == data
+    assert rig.tun_out() == []
+    assert nonzero(rig.cx.stats()) == {
+        "egress.rx_packets": 15,
+        "egress.rx_bytes": sum(map(len, want)),
+        "egress.tx_packets": 15,
+        "egress.tx_bytes": sum(map(len, want)),
+        "egress.batches": 1,
+        "egress.batch_hist[3]": 1,
+        "tso_reads": 1,
+        "syscalls.read": 2,  # the super-packet and the EAGAIN
+        "syscalls.sendmmsg": 1,
+    }
+
+
+def test_vnet_plain_frames_and_checksum_completion(make_rig):
+    rig = vnet_rig(make_rig)
+    plain = ipv4_udp(SRC, DST, b"plain")
+    partial = tcp4(b"needs its checksum", src=SRC, dst=DST, csum="partial")
+    rig.to_tun(vnet() + plain, vnet(NEEDS_CSUM, GSO_NONE, 0, 0, 20, 16) + partial)
+    assert rig.pump.tun_to_udp(100) == 2
+    full = tcp4(b"needs its checksum", src=SRC, dst=DST)
+    assert [d for d, _ in rig.peer_in(2)] == [forwarded(plain), forwarded(full)]
+    s = rig.cx.stats()
+    assert s["tso_reads"] == 0 and s["egress"]["tx_packets"] == 2
+
+
+def test_vnet_egress_icmp_reply_has_a_header(make_rig):
+    rig = vnet_rig(make_rig)
+    pkt = ipv4_udp(SRC, DST, b"ttl", ttl=1)
+    rig.to_tun(vnet() + pkt)
+    assert rig.pump.tun_to_udp(10) == 1
+    assert rig.tun_out() == [bytes(10) + icmp_error(LOCAL, pkt, 11)]
+    rig.peer_in(0)
+
+
+def test_vnet_tso_with_udp_gso(make_rig):
+    rig = vnet_rig(make_rig, offload=True)
+    data = payload(40000, seed=5)
+    want = tso_segments(DST, data)
+    rig.to_tun(tso_to(DST, data), tso_to(DST, data, seq=50000))
+    n = 2 * len(want)
+    assert rig.pump.tun_to_udp(1000) == n
+    got = [d for d, _ in rig.peer_in(n)]
+    want += tso_segments(DST, data, seq=50000)
+    assert got == [forwarded(p) for p in want], "still one IPv4 packet per datagram"
+    assert all(len(d) <= MTU and header_ok(d) and l4_ok(d) for d in got)
+    s = rig.cx.stats()
+    assert s["tso_reads"] == 2 and s["egress"]["tx_packets"] == n
+    if rig.pump.offloads["udp_gso"]:
+        assert s["gso_sends"] >= 1
+
+
+def test_vnet_bad_frames_counted_never_sent(make_rig):
+    rig = vnet_rig(make_rig, batch=16)
+    bad = [
+        b"",
+        bytes(9),  # shorter than the header
+        vnet() + b"\x60" + bytes(39),  # IPv6
+        tso_to(DST, payload(3000), gso_type=GSO_UDP_L4),  # gso type does not fit the protocol
+        tso(payload(3000), 0, src=SRC, dst=DST),  # gso_size 0
+        tso_to(DST, payload(3000), flags_frag=0x2000),  # a fragment
+        tso_to(DST, payload(3000))[:-1],  # truncated
+        vnet(NEEDS_CSUM, GSO_NONE, 0, 0, 10, 16) + ipv4_udp(SRC, DST),  # csum in the IP header
+    ]
+    too_big = tso(payload(3000), MTU, src=SRC, dst=DST)  # segments would pass the MTU
+    good = ipv4_udp(SRC, DST, b"still forwarding")
+    rig.to_tun(*bad, too_big, vnet() + good)
+    assert rig.pump.tun_to_udp(100) == len(bad) + 2
+    assert [d for d, _ in rig.peer_in(1)] == [forwarded(good)]
+    assert rig.tun_out() == []
+    s = rig.cx.stats()
+    e = s["egress"]
+    assert {k: v for k, v in e["drops"].items() if v} == {"bad_offload": len(bad), "oversize": 1}
+    assert e["rx_packets"] == len(bad) + 2
+    assert e["rx_bytes"] == sum(max(len(f) - 10, 0) for f in [*bad, too_big]) + len(good)
+    assert e["tx_packets"] == 1 and e["tx_bytes"] == len(good)
+    assert s["tso_reads"] == 0
+
+
+def test_vnet_egress_budget(make_rig):
+    rig = vnet_rig(make_rig)
+    data = payload(6000, seed=9)
+    n = len(tso_segments(DST, data))
+    rig.to_tun(tso_to(DST, data), tso_to(DST, data, seq=9000), vnet() + ipv4_udp(SRC, DST))
+    # a super-packet is taken whole: one read, then the budget is spent
+    assert rig.pump.tun_to_udp(1) == n
+    assert len(rig.peer_in(n)) == n
+    assert rig.pump.tun_to_udp(n) == n
+    assert len(rig.peer_in(n)) == n
+    assert rig.pump.tun_to_udp(100) == 1
+    rig.peer_in(1)
+    s = rig.cx.stats()
+    assert s["tso_reads"] == 2 and s["syscalls"]["read"] == 4  # 3 frames and one EAGAIN
+
+
+def test_vnet_ingress_coalesces_runs(make_rig):
+    rig = vnet_rig(make_rig, batch=16)
+    a = flow([1000] * 5, src=SRC, dst=DST)
+    b = flow([700, 700, 300], src=SRC, dst=DST, sport=40001, seq=777)
+    udp = ipv4_udp(SRC, DST, b"not tcp")
+    ack = tcp4(b"", src=SRC, dst=DST, seq=5)
+    rig.from_peer(*a, udp, *b, ack)
+    assert rig.pump.udp_to_tun(100) == 10
+    fa, fb = [forwarded(p) for p in a], [forwarded(p) for p in b]
+    got = rig.tun_out()
+    assert got == [
+        ref_merge(fa),
+        bytes(10) + forwarded(udp),
+        ref_merge(fb),
+        bytes(10) + forwarded(ack),
+    ]
+    merged = complete(got[0])
+    assert header_ok(merged) and l4_ok(merged) and merged[8] == 63
+    assert merged[40:] == b"".join(p[40:] for p in a)
+    all_fwd = [*fa, forwarded(udp), *fb, forwarded(ack)]
+    assert nonzero(rig.cx.stats()) == {
+        "ingress.rx_packets": 10,
+        "ingress.rx_bytes": sum(map(len, [*a, udp, *b, ack])),
+        "ingress.tx_packets": 10,
+        "ingress.tx_bytes": sum(map(len, all_fwd)),
+        "ingress.batches": 1,
+        "ingress.batch_hist[3]": 1,
+        "tun_gro_writes": 2,
+        "syscalls.recvmmsg": 1,
+        "syscalls.write": 4,
+    }
+
+
+def test_vnet_ingress_drops_and_replies(make_rig):
+    rig = vnet_rig(make_rig)
+    a = flow([500] * 3, src=SRC, dst=DST)
+    ttl1 = ipv4_udp(SRC, DST, b"last hop", ttl=1)
+    rig.from_peer(a[0], b"junk", a[1], ttl1, a[2])
+    assert rig.pump.udp_to_tun(100) == 5
+    # the drop and the reply do not break the run: only forwarded packets are merged
+    assert rig.tun_out() == [ref_merge([forwarded(p) for p in a])]
+    [(reply, _)] = rig.peer_in(1)
+    assert reply == icmp_error(LOCAL, ttl1, 11)
+    s = rig.cx.stats()
+    assert s["ingress"]["drops"]["too_short"] == 1 and s["ingress"]["drops"]["ttl_exceeded"] == 1
+    assert s["tun_gro_writes"] == 1 and s["ingress"]["tx_packets"] == 3
+
+
+def test_vnet_ingress_budget(make_rig):
+    rig = vnet_rig(make_rig, batch=8)
+    a = flow([1000] * 6, src=SRC, dst=DST)
+    rig.from_peer(*a)
+    assert rig.pump.udp_to_tun(4) == 4
+    fa = [forwarded(p) for p in a]
+    assert rig.tun_out() == [ref_merge(fa[:4])], "merged within what the budget took"
+    assert rig.pump.udp_to_tun(100) == 2
+    assert rig.tun_out() == [ref_merge(fa[4:])]
+    assert rig.pump.udp_to_tun(100) == 0
+    s = rig.cx.stats()
+    assert s["tun_gro_writes"] == 2 and s["ingress"]["tx_packets"] == 6
+    assert s["syscalls"]["recvmmsg"] == 3 and s["syscalls"]["write"] == 2

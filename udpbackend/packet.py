@@ -26,12 +26,15 @@ __all__ = [
     "REPLY",
     "REPLY_MAX",
     "SYSCALL_KINDS",
+    "VNET_HDR_LEN",
     "Context",
     "Decision",
     "Pump",
     "Routes",
     "checksum",
     "egress",
+    "gro_coalesce",
+    "gso_split",
     "ingress",
 ]
 
@@ -55,6 +58,14 @@ MAX_SLOT = 65536
 REPLY_MAX = 96
 ICMP_TTL = 8
 DEFAULT_PORT = 8285
+GSO_MAX_SEGS = 64  # FP_GSO_MAX_SEGS: also the most segments one TUN write may merge
+# TUN offloads (IFF_VNET_HDR): the 10-byte little-endian virtio-net header of fastpath.h.
+VNET_HDR_LEN = 10
+VNET_F_NEEDS_CSUM = 1
+VNET_GSO_NONE = 0
+VNET_GSO_TCPV4 = 1
+VNET_GSO_UDP_L4 = 5
+VNET_GSO_ECN = 0x80
 
 (
     _TOO_SHORT,
@@ -395,6 +406,231 @@ def egress(cx: Context, routes: Routes, pkt: bytearray, now_ns: int) -> Decision
 def ingress(cx: Context, pkt: bytearray, now_ns: int) -> Decision:
     """Decide one packet received over UDP (fp_ingress); TTL and checksum change in place."""
     return _decide(cx, cx.ingress, None, pkt, len(pkt), now_ns)
+
+
+# --- TUN offloads: the twins of fp_gso_split / fp_gro_coalesce (csrc/offload.c) --------------
+
+_TCP_FIN, _TCP_SYN, _TCP_RST, _TCP_PSH = 0x01, 0x02, 0x04, 0x08
+_TCP_ACK, _TCP_URG, _TCP_ECE, _TCP_CWR = 0x10, 0x20, 0x40, 0x80
+_GRO_NO_MERGE = _TCP_SYN | _TCP_FIN | _TCP_RST | _TCP_URG | _TCP_ECE | _TCP_CWR
+_IPPROTO_TCP, _IPPROTO_UDP = 6, 17
+_IP_MAX_LEN = 65535
+
+
+def _words(data: bytes | bytearray) -> int:
+    """The 16-bit big-endian words of data (odd length: zero-padded), summed modulo 0xffff,
+    as one integer that is 0 exactly when every byte is 0 (fold with _fold)."""
+    b = bytes(data)
+    if len(b) & 1:
+        b += b"\0"
+    return int.from_bytes(b, "big")
+
+
+def _fold(total: int) -> int:
+    """csum_fold: the end-around-carry fold of a one's-complement accumulator (not
+    complemented): 0 only for an all-zero sum, else 1..0xffff."""
+    return 0 if total == 0 else (total % 0xFFFF or 0xFFFF)
+
+
+def _pseudo_sum(ip_hdr: bytes | bytearray, proto: int, l4_len: int) -> int:
+    """The TCP/UDP pseudo-header sum (RFC 793 / RFC 768), not folded."""
+    return (
+        ((ip_hdr[12] << 8) | ip_hdr[13])
+        + ((ip_hdr[14] << 8) | ip_hdr[15])
+        + ((ip_hdr[16] << 8) | ip_hdr[17])
+        + ((ip_hdr[18] << 8) | ip_hdr[19])
+        + proto
+        + l4_len
+    )
+
+
+def _ip_fix(seg: bytearray, ihl: int, total: int, ident: int) -> None:
+    """Total length, id and a fresh header checksum (offload.c ip_fix)."""
+    struct.pack_into(">HH", seg, 2, total & 0xFFFF, ident & 0xFFFF)
+    struct.pack_into(">H", seg, 10, 0)
+    struct.pack_into(">H", seg, 10, ~_fold(_words(seg[:ihl])) & 0xFFFF)
+
+
+def _l4_fix(seg: bytearray, ihl: int, l4_len: int, proto: int, off: int) -> None:
+    """The full TCP/UDP checksum of seg[ihl:ihl + l4_len] (offload.c l4_fix)."""
+    struct.pack_into(">H", seg, ihl + off, 0)
+    c = ~_fold(_pseudo_sum(seg, proto, l4_len) + _words(seg[ihl : ihl + l4_len])) & 0xFFFF
+    if proto == _IPPROTO_UDP and c == 0:
+        c = 0xFFFF  # RFC 768: a computed zero is sent as all ones
+    struct.pack_into(">H", seg, ihl + off, c)
+
+
+def gso_split(buf: bytes | bytearray, mtu: int, max_segs: int = 1024) -> list[bytes]:
+    """fp_gso_split: a virtio-net header + IPv4 (super-)packet, as read from a vnet TUN, ->
+    IPv4 packets of <= mtu bytes with complete checksums (see fastpath.h).
+
+    Raises ValueError (-EINVAL: a header or packet that cannot be split), OverflowError
+    (-EMSGSIZE: a segment would pass mtu) or MemoryError (-ENOSPC: more than max_segs)."""
+    b = bytes(buf)
+    if len(b) < VNET_HDR_LEN + 20:
+        raise ValueError("too short for a virtio-net header and an IPv4 header")
+    if max_segs < 1:
+        raise MemoryError("no room for a segment")
+    flags, gso_type = b[0], b[1] & ~VNET_GSO_ECN & 0xFF
+    gso, csum_start, csum_off = struct.unpack_from("<HHH", b, 4)
+    pkt = b[VNET_HDR_LEN:]
+    plen = len(pkt)
+    if pkt[0] >> 4 != 4:
+        raise ValueError("not IPv4")
+    ihl = (pkt[0] & 15) * 4
+    tot = (pkt[2] << 8) | pkt[3]
+    if ihl < 20 or ihl > plen or tot > plen or tot < ihl:
+        raise ValueError("bad IPv4 header or truncated packet")
+    pkt, plen = pkt[:tot], tot  # bytes past the IPv4 total length are not part of the packet
+
+    if gso_type == VNET_GSO_NONE:
+        out = bytearray(pkt)
+        if flags & VNET_F_NEEDS_CSUM:
+            # The field holds the pseudo-header sum; the sum from csum_start on completes it.
+            if csum_start < ihl or csum_start + csum_off + 2 > plen:
+                raise ValueError("checksum start/offset outside the packet")
+            c = ~_fold(_words(out[csum_start:])) & 0xFFFF
+            if c == 0 and out[9] == _IPPROTO_UDP:
+                c = 0xFFFF
+            struct.pack_into(">H", out, csum_start + csum_off, c)
+        return [bytes(out)]
+
+    proto = pkt[9]
+    if gso_type == VNET_GSO_TCPV4 and proto == _IPPROTO_TCP:
+        if ihl + 20 > plen:
+            raise ValueError("TCP header cut short")
+        l4h = (pkt[ihl + 12] >> 4) * 4
+        if l4h < 20:
+            raise ValueError("TCP data offset < 5")
+    elif gso_type == VNET_GSO_UDP_L4 and proto == _IPPROTO_UDP:
+        l4h = 8
+    else:
+        raise ValueError(f"gso_type {b[1]:#x} does not fit protocol {proto}")
+    # hdr_len is not trusted: the header length comes from the headers themselves.
+    hl = ihl + l4h
+    if hl > plen or gso == 0 or ((pkt[6] << 8) | pkt[7]) & 0x3FFF:
+        raise ValueError("headers cut short, gso_size 0 or a fragment")
+    pay = plen - hl
+    if hl + min(pay, gso) > mtu:
+        raise OverflowError(f"segments of {hl + min(pay, gso)} bytes would pass the mtu {mtu}")
+    nseg = -(-pay // gso) if pay else 1
+    if nseg > max_segs:
+        raise MemoryError(f"{nseg} segments, room for {max_segs}")
+
+    ident0 = (pkt[4] << 8) | pkt[5]
+    seq0 = 0 if proto == _IPPROTO_UDP else int.from_bytes(pkt[ihl + 4 : ihl + 8], "big")
+    hdr = pkt[:hl]
+    segs = []
+    for i in range(nseg):
+        chunk = pkt[hl + i * gso : hl + min((i + 1) * gso, pay)]
+        seg = bytearray(hdr + chunk)
+        _ip_fix(seg, ihl, len(seg), ident0 + i)
+        if proto == _IPPROTO_TCP:
+            struct.pack_into(">I", seg, ihl + 4, (seq0 + i * gso) & 0xFFFFFFFF)
+            if i != nseg - 1:
+                seg[ihl + 13] &= ~(_TCP_FIN | _TCP_PSH) & 0xFF
+            if i != 0:
+                seg[ihl + 13] &= ~_TCP_CWR & 0xFF
+            _l4_fix(seg, ihl, l4h + len(chunk), _IPPROTO_TCP, 16)
+        else:
+            struct.pack_into(">H", seg, ihl + 4, (8 + len(chunk)) & 0xFFFF)
+            _l4_fix(seg, ihl, 8 + len(chunk), _IPPROTO_UDP, 6)
+        segs.append(bytes(seg))
+    return segs
+
+
+def _gro_candidate(p: bytes) -> int:
+    """The TCP header length of a segment that may be merged (option-less IPv4, not a
+    fragment, payload, ACK and none of SYN/FIN/RST/URG/ECE/CWR, TCP checksum valid), or 0."""
+    n = len(p)
+    if (
+        n < 40
+        or p[0] != 0x45
+        or p[9] != _IPPROTO_TCP
+        or ((p[6] << 8) | p[7]) & 0x3FFF
+        or ((p[2] << 8) | p[3]) != n
+    ):
+        return 0
+    thl = (p[32] >> 4) * 4
+    if thl < 20 or 20 + thl >= n:
+        return 0
+    fl = p[33]
+    if not fl & _TCP_ACK or fl & _GRO_NO_MERGE:
+        return 0
+    if _fold(_pseudo_sum(p, _IPPROTO_TCP, n - 20) + _words(p[20:])) != 0xFFFF:
+        return 0
+    return thl
+
+
+def _gro_follows(first: bytes, prev: bytes, cur: bytes, thl: int, gso: int) -> bool:
+    """May cur follow prev in a run started by first, of gso payload bytes per segment?"""
+    if len(prev) - 20 - thl != gso or prev[33] & _TCP_PSH:
+        return False  # prev was short or pushed: it ended the run
+    if len(cur) - 20 - thl > gso:
+        return False
+    # same TOS, DF, TTL, addresses; same ports, ack, data offset, flags but PSH, window and
+    # options; the next sequence number
+    if (
+        first[1] != cur[1]
+        or first[6] & 0x40 != cur[6] & 0x40
+        or first[8] != cur[8]
+        or first[12:20] != cur[12:20]
+    ):
+        return False
+    ft, ct = first[20:], cur[20:]
+    if (
+        ft[0:4] != ct[0:4]
+        or ft[8:12] != ct[8:12]
+        or ft[12] != ct[12]
+        or ft[13] | _TCP_PSH != ct[13] | _TCP_PSH
+        or ft[14:16] != ct[14:16]
+        or ft[20:thl] != ct[20:thl]
+    ):
+        return False
+    prev_seq = int.from_bytes(prev[24:28], "big")
+    return int.from_bytes(ct[4:8], "big") == (prev_seq + gso) & 0xFFFFFFFF
+
+
+def gro_coalesce(pkts: list[bytes]) -> list[tuple[bytes, int]]:
+    """fp_gro_coalesce: IPv4 packets (in order) -> TUN writes, each a virtio-net header and a
+    packet, with the number of input packets it carries.  Each run of consecutive segments of
+    one TCP flow (see fastpath.h) becomes one super-packet behind a TCPV4/NEEDS_CSUM header
+    whose checksum field holds the folded pseudo-header sum; anything else passes alone behind
+    a zero header.  Order is kept."""
+    ps = [bytes(p) for p in pkts]
+    n = len(ps)
+    out: list[tuple[bytes, int]] = []
+    i = 0
+    while i < n:
+        first = ps[i]
+        j, thl = i + 1, _gro_candidate(first)
+        gso = len(first) - 20 - thl if thl else 0
+        total = len(first)
+        while (
+            thl
+            and j < n
+            and j - i < GSO_MAX_SEGS
+            and _gro_candidate(ps[j]) == thl
+            and total + len(ps[j]) - 20 - thl <= _IP_MAX_LEN
+            and _gro_follows(first, ps[j - 1], ps[j], thl, gso)
+        ):
+            total += len(ps[j]) - 20 - thl
+            j += 1
+        if j - i == 1:
+            out.append((bytes(VNET_HDR_LEN) + first, 1))
+        else:
+            hl = 20 + thl
+            vnet = struct.pack("<BBHHHH", VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, hl, gso, 20, 16)
+            p = bytearray(first[:hl])
+            for k in range(i, j):
+                p += ps[k][hl:]
+            p[33] |= ps[j - 1][33] & _TCP_PSH
+            _ip_fix(p, 20, total, (first[4] << 8) | first[5])
+            # CHECKSUM_PARTIAL: the folded pseudo-header sum; the kernel completes it.
+            struct.pack_into(">H", p, 36, _fold(_pseudo_sum(p, _IPPROTO_TCP, total - 20)))
+            out.append((vnet + bytes(p), j - i))
+        i = j
+    return out
 
 
 def _addr(ip: int) -> str:
