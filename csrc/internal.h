@@ -30,20 +30,49 @@ static inline void wr32(uint8_t *p, uint32_t v)
 #define IP_OFF_DST 16
 #define IPPROTO_ICMP_ 1
 
-/* One's-complement sum (RFC 1071) of buf[0:len] added to sum, not folded: 32-bit big-endian
- * words into a 64-bit accumulator (the carries are folded in csum_fold). */
+/* One's-complement sum (RFC 1071) of buf[0:len], as 16-bit big-endian words, added to sum;
+ * not folded.  RFC 1071 2(B): the sum is byte-order independent, so it is taken in the host's
+ * order over 64-bit loads and swapped once at the end. */
 static inline uint64_t csum_add(uint64_t sum, const uint8_t *buf, uint32_t len)
 {
-    uint32_t i = 0;
-    for (; i + 4 <= len; i += 4)
-        sum += rd32(buf + i);
-    if (i + 2 <= len) {
-        sum += rd16(buf + i);
-        i += 2;
+    /* 64-bit words with end-around carry: 2^64 = 1 modulo 2^16 - 1, so the carries are
+     * counted and added back once.  Two accumulators for instruction-level parallelism. */
+    uint64_t a = 0, b = 0, ca = 0, cb = 0, s;
+    while (len >= 16) {
+        uint64_t w[2];
+        memcpy(w, buf, 16);
+        ca += __builtin_add_overflow(a, w[0], &a);
+        cb += __builtin_add_overflow(b, w[1], &b);
+        buf += 16;
+        len -= 16;
     }
-    if (i < len)
-        sum += (uint32_t)buf[i] << 8;
-    return sum;
+    s = (a & 0xffffffffu) + (a >> 32) + (b & 0xffffffffu) + (b >> 32) + ca + cb;
+    while (len >= 4) {
+        uint32_t w;
+        memcpy(&w, buf, 4);
+        s += w;
+        buf += 4;
+        len -= 4;
+    }
+    if (len >= 2) {
+        uint16_t w;
+        memcpy(&w, buf, 2);
+        s += w;
+        buf += 2;
+        len -= 2;
+    }
+    if (len) {
+        uint8_t last[2] = { buf[0], 0 };   /* a trailing byte is the high byte of its word */
+        uint16_t w;
+        memcpy(&w, last, 2);
+        s += w;
+    }
+    while (s >> 16)
+        s = (s & 0xffff) + (s >> 16);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    s = ((s & 0xff) << 8) | (s >> 8);
+#endif
+    return sum + s;
 }
 
 /* Fold a 64-bit one's-complement accumulator to 16 bits (not complemented). */
