@@ -44,6 +44,7 @@ import ctypes
 import ctypes.util
 import datetime as dt
 import errno
+import functools
 import http.client
 import ipaddress
 import itertools
@@ -88,6 +89,9 @@ __all__ = [
     "Cluster",
     "DaemonError",
     "EtcdNode",
+    "EtcdNotReady",
+    "EtcdProcess",
+    "EtcdTls",
     "HubEtcd",
     "IperfResult",
     "LogEvent",
@@ -97,6 +101,8 @@ __all__ = [
     "Testbed",
     "TestbedError",
     "cluster_missing_requirements",
+    "etcd_missing_binaries",
+    "free_tcp_port",
     "lease_value",
     "missing_requirements",
     "parse_log_line",
@@ -173,10 +179,15 @@ def missing_requirements() -> list[str]:
 def cluster_missing_requirements() -> list[str]:
     """missing_requirements() plus the etcd server and etcdctl a Cluster runs."""
     missing = missing_requirements()
-    for path in (ETCD, ETCDCTL):
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            missing.append(f"{path} (apt-get install etcd-server etcd-client)")
+    missing += [
+        f"{path} (apt-get install etcd-server etcd-client)" for path in etcd_missing_binaries()
+    ]
     return missing
+
+
+def etcd_missing_binaries() -> list[str]:
+    """The etcd / etcdctl executables ($ETCD / $ETCDCTL) that are not there."""
+    return [p for p in (ETCD, ETCDCTL) if not (os.path.isfile(p) and os.access(p, os.X_OK))]
 
 
 def _get_libc() -> Any:
@@ -662,6 +673,17 @@ class NetnsLab:
                 yield
             finally:
                 netns.popns()
+
+    def connect(self, node: str | int, address: tuple[str, int], timeout: float) -> socket.socket:
+        """A TCP connection from inside the node's netns (OSError if it cannot be made)."""
+        sock = self.socket(node, socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def socket(self, node: str | int, family: int, type: int, proto: int = 0) -> socket.socket:
         """A socket living in the node's netns."""
@@ -1360,31 +1382,95 @@ def lease_value(public_ip: str) -> str:
     return json.dumps({"PublicIP": public_ip, "PublicIPv6": None}, separators=(",", ":"))
 
 
-class HubEtcd:
-    """A real single-member etcd inside the cluster's hub netns, client URL on the hub address.
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now on ``host`` in the caller's network namespace."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
-    Fast-election flags (heartbeat 10 ms, election 100 ms), data dir on tmpfs when there is one.
-    stop() / kill() / restart() keep the ports and the data dir, for outage tests.
+
+def _run_here(
+    argv: Sequence[str], *, timeout: float, input: bytes | None, env: Mapping[str, str]
+) -> subprocess.CompletedProcess[bytes]:
+    """Run argv to completion in the caller's namespaces, output captured."""
+    return subprocess.run(list(argv), input=input, capture_output=True, timeout=timeout, env=env)
+
+
+class EtcdNotReady(TestbedError, TimeoutError):
+    """etcd did not serve a health check in time (both a TestbedError and a TimeoutError)."""
+
+
+@dataclass(frozen=True)
+class EtcdTls:
+    """TLS for an EtcdProcess's client URL; with client_cert/client_key also client-cert auth."""
+
+    ca: Path  # the CA that signed cert (and the client certificate)
+    cert: Path
+    key: Path
+    client_cert: Path | None = None  # set (with client_key): --client-cert-auth, etcdctl uses it
+    client_key: Path | None = None
+
+
+class EtcdProcess:
+    """A real single-member etcd: start (and wait until healthy), stop/kill/restart, etcdctl.
+
+    Fast-election flags (heartbeat 10 ms, election 100 ms), data dir and log in a throwaway dir
+    on tmpfs when there is one. stop() / kill() / restart() keep the ports and the data dir, for
+    outage tests; pause() / resume() freeze it with its sockets open. Processes are ended by PID
+    only. What differs between users is injected:
+
+    - ``spawn(argv, **popen_kwargs)``: starts the server (stdout/stderr are passed in);
+    - ``host``: the client URL's address (the peer URL is on 127.0.0.1 of the same namespace);
+    - ``free_port(host)``, ``connect((host, port), timeout)``, ``run(argv, timeout=, input=,
+      env=)``: a free port, a TCP connection and an etcdctl run, all where the server lives
+      (defaults: the caller's own network namespace);
+    - ``forget(proc)``: called once the server process has ended (e.g. to untrack it);
+    - ``tls``: an https client URL, optionally with client-certificate auth.
+
+    ``user`` ("name:password") is passed to etcdctl once auth is enabled. ``cleanup()`` kills
+    the process and removes the temp dir.
     """
 
-    def __init__(self, cluster: Cluster, host: str = HUB_ADDR) -> None:
-        self.cluster = cluster
+    def __init__(
+        self,
+        spawn: Callable[..., subprocess.Popen[bytes]],
+        *,
+        host: str = "127.0.0.1",
+        name: str = "etcd",
+        tls: EtcdTls | None = None,
+        free_port: Callable[[str], int] = free_tcp_port,
+        connect: Callable[[tuple[str, int], float], socket.socket] = socket.create_connection,
+        run: Callable[..., subprocess.CompletedProcess[bytes]] = _run_here,
+        forget: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    ) -> None:
+        self._spawn = spawn
+        self._connect = connect
+        self._run = run
+        self._forget = forget
         self.host = host
-        self.client_port = cluster.free_port(HUB, host)
-        self.peer_port = cluster.free_port(HUB, "127.0.0.1")
+        self.name = name
+        self.tls = tls
+        self.client_port = free_port(host)
+        self.peer_port = free_port("127.0.0.1")
         while self.peer_port == self.client_port:
-            self.peer_port = cluster.free_port(HUB, "127.0.0.1")
+            self.peer_port = free_port("127.0.0.1")
         base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         self.tmpdir = Path(tempfile.mkdtemp(prefix="udpbackend-etcd-", dir=base))
-        cluster._cleanup_paths.append(self.tmpdir)
         self.data_dir = self.tmpdir / "data"
         self.log_path = self.tmpdir / "etcd.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.user: str | None = None
         self.starts = 0
+
+    # -- addresses --
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def pid(self) -> int | None:
@@ -1393,30 +1479,37 @@ class HubEtcd:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    # -- lifecycle --
+
     def argv(self) -> list[str]:
         peer = f"http://127.0.0.1:{self.peer_port}"
-        return [
+        argv = [
             ETCD,
-            "--name", "hub",
+            "--name", self.name,
             "--data-dir", str(self.data_dir),
             "--listen-client-urls", self.endpoint,
             "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"hub={peer}",
+            "--initial-cluster", f"{self.name}={peer}",
             "--heartbeat-interval", "10",
             "--election-timeout", "100",
             "--log-level", "error",
             "--logger", "zap",
         ]  # fmt: skip
+        if self.tls:
+            argv += ["--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key)]
+            if self.tls.client_cert:
+                argv += ["--client-cert-auth", "--trusted-ca-file", str(self.tls.ca)]
+        return argv
 
-    def start(self, timeout: float = 15.0) -> HubEtcd:
-        """Start (or start again, same port and data) and wait until it serves requests."""
+    def start(self, timeout: float = 15.0) -> Self:
+        """Start (or start again, same ports and data) and wait until it serves requests."""
         if self.running():
             return self
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = self.cluster.spawn(HUB, self.argv(), stdout=log, stderr=subprocess.STDOUT)
+            self.proc = self._spawn(self.argv(), stdout=log, stderr=subprocess.STDOUT)
         self.starts += 1
         try:
             self._wait_ready(timeout)
@@ -1429,15 +1522,11 @@ class HubEtcd:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc is not None and self.proc.poll() is not None:
-                raise TestbedError(
-                    f"etcd exited with {self.proc.returncode}:\n{_tail(self.log_path)}"
-                )
+                raise TestbedError(f"etcd exited with {self.proc.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
-                raise TestbedError(f"etcd not ready after {timeout}s:\n{_tail(self.log_path)}")
+                raise EtcdNotReady(f"etcd not ready after {timeout}s:\n{self.log_tail()}")
             try:
-                with self.cluster.socket(HUB, socket.AF_INET, socket.SOCK_STREAM) as s:
-                    s.settimeout(0.2)
-                    s.connect((self.host, self.client_port))
+                self._connect((self.host, self.client_port), 0.2).close()
             except OSError:
                 time.sleep(0.02)
                 continue
@@ -1454,13 +1543,15 @@ class HubEtcd:
             return
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)  # by PID: only the process we started
+                os.kill(proc.pid, sig)  # by PID: only the process we started
+                os.kill(proc.pid, signal.SIGCONT)  # in case it was pause()d
             try:
                 proc.wait(timeout=wait)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-        self.cluster._forget(proc)
+        if self._forget is not None:
+            self._forget(proc)
         self.proc = None
 
     def stop(self) -> None:
@@ -1471,11 +1562,33 @@ class HubEtcd:
         """SIGKILL: the sockets die at once, like a crashed server."""
         self._signal(signal.SIGKILL, 10.0)
 
-    def restart(self, timeout: float = 15.0) -> HubEtcd:
-        """Start again on the same port with the same data (after stop() or kill())."""
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing (like a partition)."""
+        if self.running() and self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.running() and self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+    def restart(self, timeout: float = 15.0) -> Self:
+        """Start again on the same ports with the same data (after stop() or kill())."""
         if self.running():
             self.stop()
         return self.start(timeout)
+
+    def cleanup(self) -> None:
+        """Kill the process (if any) and remove the temp dir.  Safe to call twice."""
+        try:
+            self.kill()
+        finally:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
 
     def log_tail(self, n: int = 30) -> str:
         return _tail(self.log_path, n)
@@ -1490,16 +1603,21 @@ class HubEtcd:
         command_timeout: str = "5s",
         input: bytes | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
-        """`etcdctl <args>` (API v3) run inside the hub netns against this server."""
+        """`etcdctl <args>` (API v3) against this server, run where the server lives."""
         argv = [
             ETCDCTL,
             f"--endpoints={self.endpoint}",
             f"--dial-timeout={dial_timeout}",
             f"--command-timeout={command_timeout}",
-            *args,
         ]
+        if self.user:
+            argv.append(f"--user={self.user}")
+        if self.tls:
+            argv.append(f"--cacert={self.tls.ca}")
+            if self.tls.client_cert and self.tls.client_key:
+                argv += [f"--cert={self.tls.client_cert}", f"--key={self.tls.client_key}"]
         env = dict(os.environ, ETCDCTL_API="3")
-        return self.cluster.run(HUB, argv, timeout=timeout, input=input, env=env)
+        return self._run([*argv, *args], timeout=timeout, input=input, env=env)
 
     def etcdctl(self, *args: str, input: bytes | None = None, check: bool = True) -> str:
         """Run `etcdctl <args>`; stdout as text. check: raise TestbedError on failure."""
@@ -1508,6 +1626,27 @@ class HubEtcd:
             err = res.stderr.decode(errors="replace")
             raise TestbedError(f"etcdctl {' '.join(args)} -> {res.returncode}: {err}")
         return res.stdout.decode(errors="replace")
+
+
+class HubEtcd(EtcdProcess):
+    """The Cluster's etcd: inside the hub netns, client URL on the hub address (plain http).
+
+    Started with the hub's spawn (tracked, ended by close()), probed and driven with etcdctl
+    from inside the hub; the temp dir is removed by the cluster's close().
+    """
+
+    def __init__(self, cluster: Cluster, host: str = HUB_ADDR) -> None:
+        self.cluster = cluster
+        super().__init__(
+            functools.partial(cluster.spawn, HUB),
+            host=host,
+            name="hub",
+            free_port=functools.partial(cluster.free_port, HUB),
+            connect=functools.partial(cluster.connect, HUB),
+            run=functools.partial(cluster.run, HUB),
+            forget=cluster._forget,
+        )
+        cluster._cleanup_paths.append(self.tmpdir)
 
     def put_many(self, items: Iterable[tuple[str, str]], timeout: float = 10.0) -> int:
         """PUT many keys fast over one HTTP connection to etcd's JSON gateway (/v3/kv/put).
@@ -1518,13 +1657,11 @@ class HubEtcd:
         def b64(text: str) -> str:
             return base64.b64encode(text.encode()).decode()
 
-        sock = self.cluster.socket(HUB, socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(timeout)
+        sock = self._connect((self.host, self.client_port), timeout)
         conn = http.client.HTTPConnection(self.host, self.client_port, timeout=timeout)
         n = 0
         try:
-            sock.connect((self.host, self.client_port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.sock = sock
             for key, value in items:
                 body = json.dumps({"key": b64(key), "value": b64(value)})
