@@ -1,7 +1,8 @@
-"""Command line: `udpbackend run` (a node: from etcd like flanneld, or from static flags) and
-`udpbackend demo`.  flanneld's flag names and defaults, Go-style `-flag` spellings and
-FLANNELD_<NAME> environment variables; every user-facing problem is one line and a non-zero
-exit code.  The work itself lives in daemon.py and demo.py.
+"""Command line: `udpbackend run` (a node: from etcd like flanneld, or from static flags),
+`udpbackend demo`, `udpbackend bench` and `udpbackend trace`.  flanneld's flag names and
+defaults, Go-style `-flag` spellings and FLANNELD_<NAME> environment variables; every
+user-facing problem is one line and a non-zero exit code.  The work itself lives in daemon.py,
+demo.py, bench.py and trace.py.
 """
 
 from __future__ import annotations
@@ -118,6 +119,13 @@ def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         choices=("auto", "off"),
         help="UDP GSO/GRO in batched mode: auto (where the kernel has them) or off",
     )
+    g.add_argument(
+        "--driver",
+        default="python",
+        choices=("python", "c"),
+        help="static mode: who drives the C pumps - the uvloop event loop (default) or a tight "
+        "C epoll loop on a thread (a yardstick for the Python glue's cost)",
+    )
     g.add_argument("--tun-name", default="flannel0", help="TUN device name (default %(default)s)")
     g.add_argument("--stats-file", help="keep the data-plane counters here as JSON (every 1 s)")
     return r
@@ -131,6 +139,25 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     d = sub.add_parser("demo", help="nodes in network namespaces: ping and throughput")
     d.add_argument("--mode", default="batched", choices=MODES)
     d.add_argument("--seconds", type=float, default=3.0, help="iperf3 duration")
+    d.add_argument("--nodes", type=int, default=3, help="number of nodes (2..20, default 3)")
+    from . import bench, trace
+
+    b = sub.add_parser(
+        "bench",
+        help="the overlay benchmark ladder in network namespaces (veth, VXLAN, every mode)",
+        description="Builds its own two-namespace testbed, measures every rung of the ladder "
+        "the same way (TCP 1/4 streams, UDP packet rate at <= 1% loss, RTT idle and loaded, "
+        "CPU per GB, syscalls per packet, batch sizes, retransmits) and removes it again.",
+    )
+    bench.add_arguments(b)
+    t = sub.add_parser(
+        "trace",
+        help="decode a running node's packets (wire and TUN) and show its live counters",
+        description="Captures packets on the underlay (UDP port 8285) and on the TUN device "
+        "and prints them layer by layer (outer IPv4/UDP, inner IPv4, TTL before and after), "
+        "with the data plane's per-second counters from its --stats-file.",
+    )
+    trace.add_arguments(t)
     return p, run
 
 
@@ -204,6 +231,7 @@ def _run(args: argparse.Namespace) -> int:
         subnet_file=args.subnet_file,
         offload=args.offload == "auto",
         mode=args.mode,
+        driver=args.driver,
         ip_masq=args.ip_masq,
         forward_rules=args.iptables_forward_rules,
         iptables_resync=args.iptables_resync,
@@ -226,8 +254,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.peers_file:
             peers += read_peers_file(args.peers_file)
         static = build_config(args.network, args.subnet, peers, args.port or 8285, args.mode)
-    elif args.peer or args.peers_file or args.port:
-        raise ConfigError("--peer/--peers-file/--port are for static mode (with --network)")
+        if args.driver == "c" and args.mode == "python":
+            raise ConfigError(
+                "--driver c drives the C pumps: use it with --mode batched|per-packet"
+            )
+    elif args.peer or args.peers_file or args.port or args.driver != "python":
+        raise ConfigError(
+            "--peer/--peers-file/--port/--driver are for static mode (with --network)"
+        )
     elif opts.subnet_file is None:
         opts.subnet_file = DEFAULT_SUBNET_FILE
     if os.geteuid() != 0:
@@ -254,9 +288,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "bench":
+            from .bench import BenchError
+            from .bench import run as run_bench
+
+            try:
+                return run_bench(args)
+            except BenchError as e:
+                raise ConfigError(str(e)) from None
+        if args.command == "trace":
+            from .trace import TraceError
+            from .trace import run as run_trace
+
+            try:
+                return run_trace(args)
+            except TraceError as e:
+                raise ConfigError(str(e)) from None
         from .demo import run_demo
 
-        return run_demo(mode=args.mode, seconds=args.seconds)
+        return run_demo(mode=args.mode, seconds=args.seconds, nodes=args.nodes)
     except ConfigError as e:
         sys.stderr.write(f"udpbackend: {e}\n")
         return 2

@@ -21,6 +21,7 @@ from typing import Any
 from . import packet
 from .config import NodeConfig
 from .forwarder import Forwarder
+from .health import HealthServer
 from .iface import ExternalInterface, IfaceError, find_interface
 from .subnetenv import format_subnet_env, write_subnet_env
 from .tun import Tun, TunError, create_tun
@@ -278,6 +279,29 @@ async def _run_c_driver(plane: DataPlane, stop: asyncio.Event, failed: list[OSEr
         os.close(stop_w)
 
 
+async def start_health(opts: RunOptions, plane: DataPlane, cfg: NodeConfig) -> HealthServer:
+    """/healthz, /readyz and /metrics for a static node (ready as soon as it forwards)."""
+    from .metrics import CONTENT_TYPE, render
+
+    def ok(body: bytes) -> Any:
+        return lambda: (200, "text/plain", body)
+
+    def metrics() -> tuple[int, str, bytes]:
+        control = {"subnet": str(cfg.subnet), "ready": True}
+        return 200, CONTENT_TYPE, render(plane.stats_doc(), control)
+
+    routes = {"/healthz": ok(b"flanneld is running"), "/readyz": ok(b"flanneld is ready")}
+    routes["/metrics"] = metrics
+    health = HealthServer(opts.healthz_ip, opts.healthz_port, routes)
+    try:
+        await health.start()
+    except OSError as e:
+        raise StartupError(
+            f"cannot serve health on {opts.healthz_ip}:{opts.healthz_port}: {e.strerror}"
+        ) from None
+    return health
+
+
 async def run_static(cfg: NodeConfig, opts: RunOptions) -> int:
     """A node from static flags: routes to the given peers, no etcd."""
     loop = asyncio.get_running_loop()
@@ -289,6 +313,7 @@ async def run_static(cfg: NodeConfig, opts: RunOptions) -> int:
         stop.set()
 
     plane = DataPlane(cfg.network, cfg.subnet, cfg.port, opts)
+    health: HealthServer | None = None
     try:
         await plane.setup_async()
         for p in cfg.peers:
@@ -299,6 +324,8 @@ async def run_static(cfg: NodeConfig, opts: RunOptions) -> int:
             )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if opts.healthz_port:
+            health = await start_health(opts, plane, cfg)
         if opts.driver == "c":
             await _run_c_driver(plane, stop, failed)
         else:
@@ -309,6 +336,8 @@ async def run_static(cfg: NodeConfig, opts: RunOptions) -> int:
         log.info("stopping: removing %s", plane.tun.name)
     finally:
         plane.teardown()
+        if health:
+            await health.close()
     return 1 if failed else 0
 
 

@@ -20,6 +20,7 @@ from .config import ConfigError
 from .daemon import DataPlane, RunOptions, StartupError
 from .health import HealthServer
 from .iptables import Iptables, IptablesError, Rule, forward_rules, masq_rules
+from .metrics import CONTENT_TYPE, render
 from .subnet import (
     Lease,
     LeaseEvent,
@@ -93,6 +94,17 @@ class EtcdNode:
         if self.ready:
             return 200, "text/plain", b"flanneld is ready"
         return 503, "text/plain", b"flanneld is not ready yet"
+
+    def _metrics(self) -> tuple[int, str, bytes]:
+        lease = self.lease
+        control = {
+            "lease_expiry": lease.expiration if lease else None,
+            "etcd_connected": self._connected,
+            "ready": self.ready,
+            "subnet": str(lease.subnet) if lease else None,
+            "public_ip": str(lease.attrs.public_ip) if lease else None,
+        }
+        return 200, CONTENT_TYPE, render(self.plane.stats_doc() if self.plane else {}, control)
 
     def _on_etcd_state(self, connected: bool) -> None:
         if connected != self._connected:
@@ -251,7 +263,9 @@ async def run_etcd_node(opts: RunOptions) -> int:
     health = None
     if opts.healthz_port:
         health = HealthServer(
-            opts.healthz_ip, opts.healthz_port, {"/healthz": node._healthz, "/readyz": node._readyz}
+            opts.healthz_ip,
+            opts.healthz_port,
+            {"/healthz": node._healthz, "/readyz": node._readyz, "/metrics": node._metrics},
         )
         try:
             await health.start()

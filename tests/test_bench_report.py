@@ -1,0 +1,310 @@
+# udpbackend.bench without a testbed: the schema validator (and its agreement with jsonschema),
+# the UDP rate search on scripted probes, medians and ratios, the --explain text derived from
+# the counters it is given, the Markdown table and the chart, on a synthetic results document.
+# Must not: need root or start anything (the end-to-end run is tests/integration/test_bench.py).
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from udpbackend import bench
+
+PHASE_KEYS = bench.PHASE_FIELDS
+
+
+def phase(**kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {k: None for k in PHASE_KEYS}
+    base.update(drops={}, syscalls={}, packets=1000, gso_sends=0, gro_receives=0)
+    base.update(tso_reads=0, tun_gro_writes=0)
+    base.update(kw)
+    return base
+
+
+def run(
+    gbps: float,
+    pps64: float | None,
+    rtt: float,
+    busy: float,
+    counters: dict[str, Any] | None = None,
+    sender_bound: bool = False,
+) -> dict[str, Any]:
+    def tcp(g: float, streams: int) -> dict[str, Any]:
+        return {
+            "bits_per_second": g * 1e9,
+            "sent_bits_per_second": g * 1e9,
+            "retransmits": 3,
+            "bytes": int(g * 1e9 / 8),
+            "seconds": 1.0,
+            "streams": streams,
+        }
+
+    def udp(size: int, pps: float | None) -> dict[str, Any]:
+        probe = {"offered_pps": None, "sent_pps": 1e5, "received_pps": pps or 0, "loss": 0.0}
+        return {
+            "size": size,
+            "pps": pps,
+            "loss": 0.0 if pps else None,
+            "sender_bound": sender_bound,
+            "probes": [probe],
+        }
+
+    ping = {"sent": 10, "received": 10, "p50_ms": rtt, "p99_ms": rtt * 3}
+    return {
+        "tcp1": tcp(gbps, 1),
+        "tcp4": tcp(gbps * 1.1, 4),
+        "ping_idle": dict(ping),
+        "ping_loaded": {**ping, "p50_ms": rtt * 10, "p99_ms": rtt * 30},
+        "udp64": udp(64, pps64),
+        "udp1400": udp(1400, pps64 and pps64 * 0.8),
+        "cpu": {
+            "busy_s": busy,
+            "user_s": busy / 2,
+            "system_s": busy / 3,
+            "softirq_s": busy / 6,
+            "daemon_s": busy / 2 if counters else None,
+            "bytes": int(gbps * 1e9 / 8),
+        },
+        "counters": {"tcp": counters} if counters else None,
+    }
+
+
+LADDER: dict[str, tuple[float, float, float, float, dict[str, Any] | None]] = {
+    # name: (TCP Gbit/s, UDP 64 B pps, RTT ms, busy CPU s, tcp counters)
+    "veth": (20.0, 300e3, 0.01, 1.0, None),
+    "vxlan": (15.0, 250e3, 0.02, 1.2, None),
+    "python": (
+        0.5,
+        30e3,
+        0.25,
+        2.0,
+        phase(syscalls_per_packet=2.02, daemon_cpu_us_per_packet=9.8, mean_batch=1.0),
+    ),
+    "per-packet": (
+        1.4,
+        100e3,
+        0.1,
+        2.0,
+        phase(syscalls_per_packet=2.02, daemon_cpu_us_per_packet=3.1, mean_batch=1.0),
+    ),
+    "batched-nooffload": (
+        1.5,
+        130e3,
+        0.12,
+        2.0,
+        phase(syscalls_per_packet=1.04, daemon_cpu_us_per_packet=3.3, mean_batch=28.0),
+    ),
+    "batched": (
+        5.0,
+        140e3,
+        0.1,
+        2.0,
+        phase(
+            syscalls_per_packet=0.05,
+            daemon_cpu_us_per_packet=0.9,
+            mean_batch=150.0,
+            gso_sends=900,
+            gro_receives=880,
+            tso_reads=700,
+            tun_gro_writes=650,
+            packets_per_tun_read=40.0,
+            packets_per_tun_write=30.0,
+            user_kernel_copies_per_packet=4.0,
+        ),
+    ),
+}
+
+
+def synthetic_doc(names: tuple[str, ...] = tuple(LADDER), runs: int = 3) -> dict[str, Any]:
+    rungs = []
+    for name in names:
+        g, pps, rtt, busy, counters = LADDER[name]
+        rung = bench.RUNG_BY_NAME[name]
+        rr = [
+            run(g * f, pps * f, rtt, busy, counters, sender_bound=name == "veth")
+            for f in (0.9, 1.0, 1.2)[:runs]
+        ]
+        rungs.append(
+            {
+                "name": name,
+                "label": rung.label,
+                "kind": rung.kind,
+                "status": "ok",
+                "error": None,
+                "runs": rr,
+                "figures": bench.figures_of(rr),
+                "counters": bench.counters_of(rr, phase(mean_batch=20.0) if counters else None),
+                "lower_bounds": bench.lower_bounds(rr),
+                "ratios_vs_vxlan": {},
+            }
+        )
+    bench.add_ratios(rungs)
+    doc: dict[str, Any] = {
+        "schema": bench.SCHEMA_ID,
+        "date": "2026-11-24T00:00:00+00:00",
+        "duration_s": 1.0,
+        "machine": {"cores": 2, "kernel": "6.18", "cpu_model": "test CPU", "memory_gib": 24.0},
+        "versions": {"udpbackend": "0.1.0", "python": "3.11", "iperf3": "iperf 3.12"},
+        "settings": {
+            "quick": True,
+            "runs": runs,
+            "tcp_seconds": 1,
+            "udp_seconds": 1,
+            "udp_probes": 2,
+            "udp_loss_max": 0.01,
+            "udp_window": "4M",
+            "pings_idle": 10,
+            "ping_interval_s": 0.005,
+            "loaded_ping_interval_s": 0.01,
+            "zerocopy": True,
+            "underlay_mtu": 1500,
+            "rungs": list(names),
+        },
+        "figures": [
+            {"key": f.key, "label": f.label, "unit": f.unit, "better": f.better}
+            for f in bench.FIGURES
+        ],
+        "rungs": rungs,
+        "explain": [],
+        "notes": [],
+    }
+    doc["explain"] = bench.explain(doc)
+    return doc
+
+
+def test_synthetic_doc_is_valid() -> None:
+    doc = synthetic_doc()
+    assert bench.validate(doc) == []
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(doc, bench.SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expect"),
+    [
+        (lambda d: d.pop("machine"), "missing 'machine'"),
+        (lambda d: d["machine"].update(cores="two"), "$.machine.cores: expected integer"),
+        (lambda d: d["rungs"][0].update(status="meh"), "is not one of"),
+        (lambda d: d["rungs"][0]["figures"].update(warp=1.0), "unexpected 'warp'"),
+        (lambda d: d["rungs"][1]["runs"][0]["udp64"].update(probes=[]), "fewer than 1"),
+        (lambda d: d["rungs"][1]["runs"][0]["tcp1"].update(retransmits=-1), "< minimum"),
+        (lambda d: d.update(schema="other/9"), "is not one of"),
+    ],
+)
+def test_validator_catches_violations(mutate: Any, expect: str) -> None:
+    doc = synthetic_doc(("veth", "vxlan"))
+    mutate(doc)
+    problems = bench.validate(doc)
+    assert any(expect in p for p in problems), problems
+    jsonschema = pytest.importorskip("jsonschema")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, bench.SCHEMA)
+
+
+def test_figures_are_medians_and_ratios_are_against_vxlan() -> None:
+    doc = synthetic_doc()
+    rungs = {r["name"]: r for r in doc["rungs"]}
+    assert rungs["vxlan"]["figures"]["tcp1_gbps"] == pytest.approx(15.0)  # median of 0.9/1/1.2
+    assert rungs["batched"]["ratios_vs_vxlan"]["tcp1_gbps"] == pytest.approx(5.0 / 15.0, 1e-3)
+    assert rungs["vxlan"]["ratios_vs_vxlan"]["rtt_idle_p50_ms"] == 1.0
+    assert rungs["veth"]["lower_bounds"] == ["udp64_kpps", "udp1400_kpps"]
+    assert rungs["veth"]["figures"]["syscalls_per_packet"] is None  # kernel rung: no counters
+    # without VXLAN in the run there is nothing to take a ratio against
+    alone = synthetic_doc(("python", "batched"))
+    assert all(v is None for r in alone["rungs"] for v in r["ratios_vs_vxlan"].values())
+
+
+def test_explain_walks_the_ladder_with_this_runs_numbers() -> None:
+    text = "\n".join(synthetic_doc()["explain"])
+    assert "veth -> kernel VXLAN" in text
+    assert "udpbackend python -> udpbackend per-packet C" in text
+    assert "9.80 -> 3.10" in text  # daemon CPU per packet, from the counters given
+    assert "6.70 us of daemon CPU saved per packet" in text
+    assert "syscalls/packet 2.02 -> 1.04" in text
+    assert "700 TUN reads were TCP super-packets" in text
+    # other numbers, other text: nothing canned
+    doc = synthetic_doc()
+    for r in doc["rungs"]:
+        if r["name"] == "batched-nooffload":
+            r["counters"]["tcp"]["syscalls_per_packet"] = 1.5
+    assert "syscalls/packet 2.02 -> 1.50" in "\n".join(bench.explain(doc))
+
+
+def test_markdown_table_and_chart(tmp_path: Path) -> None:
+    doc = synthetic_doc()
+    md = bench.markdown(doc)
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(LADDER)  # header + one row per rung
+    assert all(row.count("|") == len(bench.TABLE_COLUMNS) + 1 for row in rows)
+    assert ">= 300" in md  # veth's sender-bound UDP rate is a lower bound
+    assert "(0.33x)" in md  # batched TCP vs VXLAN
+    paths = bench.write_outputs(doc, tmp_path)
+    assert [p.name for p in paths] == ["results.json", "results.md", "ladder.png"]
+    assert paths[2].read_bytes().startswith(b"\x89PNG")
+
+
+# --- the UDP search -----------------------------------------------------------------------------
+
+
+def scripted(capacity: float, sender: float = 500e3) -> tuple[Any, list[float | None]]:
+    """A path that delivers up to `capacity` pps without loss; one sender makes `sender`."""
+    offered: list[float | None] = []
+
+    def probe(pps: float | None) -> dict[str, Any]:
+        offered.append(pps)
+        sent = sender if pps is None else min(pps, sender)
+        got = min(sent, capacity) if sent <= capacity else capacity * 0.8  # overload collapses
+        return {
+            "offered_pps": pps,
+            "sent_pps": sent,
+            "received_pps": got,
+            "loss": max(0.0, 1 - got / sent),
+        }
+
+    return probe, offered
+
+
+def test_udp_search_sender_bound() -> None:
+    probe, offered = scripted(capacity=1e6)
+    res = bench.udp_search(probe, 4, 64)
+    assert res["sender_bound"] and res["pps"] == 500e3 and offered == [None]
+
+
+def test_udp_search_bisects_below_the_overload_point() -> None:
+    probe, offered = scripted(capacity=150e3)
+    res = bench.udp_search(probe, 5, 64)
+    assert not res["sender_bound"]
+    assert res["loss"] <= bench.LOSS_MAX
+    assert 100e3 <= res["pps"] <= 150e3
+    assert len(offered) == 5 and offered[0] is None
+
+
+def test_udp_search_warm_start_begins_at_the_previous_result() -> None:
+    probe, offered = scripted(capacity=150e3)
+    hint = {"pps": 140e3, "sender_bound": False}
+    res = bench.udp_search(probe, 2, 64, hint)
+    assert offered == [140e3]  # one probe fewer, no unlimited run
+    assert res["pps"] == 140e3
+
+
+def test_parse_rungs() -> None:
+    assert bench.parse_rungs("batched, veth") == ["veth", "batched"]  # ladder order
+    with pytest.raises(bench.BenchError, match="warp"):
+        bench.parse_rungs("veth,warp")
+    assert set(bench.DEFAULT_RUNGS) == {
+        "veth",
+        "vxlan",
+        "python",
+        "per-packet",
+        "batched-nooffload",
+        "batched",
+    }
+
+
+def test_a_new_rung_is_a_name_and_a_setup() -> None:
+    rung = bench.daemon_rung("batched-x", "udpbackend batched, x", "batched", ["--x"])
+    assert rung.kind == "daemon" and rung.default
+    doc = synthetic_doc(("vxlan",))
+    assert bench.validate(copy.deepcopy(doc)) == []
