@@ -105,6 +105,23 @@ static int wait_writable(fp_ctx *cx, int fd)
     return poll(&p, 1, SEND_WAIT_MS) > 0;
 }
 
+/* One counted read from the TUN: the byte count, or -1 at EAGAIN or on a failure (then *err
+ * is -errno).  EINTR is retried. */
+static ssize_t tun_read(fp_ctx *cx, int fd, uint8_t *buf, uint32_t size, int *err)
+{
+    for (;;) {
+        cx->stats.syscalls[FP_SYS_READ]++;
+        ssize_t r = read(fd, buf, size);
+        if (r >= 0)
+            return r;
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN)
+            *err = -errno;
+        return -1;
+    }
+}
+
 /* Send one datagram with sendto; a full socket gets one wait of up to SEND_WAIT_MS and one
  * retry.  0 sent, -1 dropped. */
 static int send_one(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len, const struct sockaddr_in *to)
@@ -279,15 +296,9 @@ static int tun_to_udp_vnet(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun
         /* room for one more super-packet: 64 KiB of payload plus headers of 128 segments */
         if (b->aux_size - used < IP_MAX_LEN_ + 128 * 120 || FP_MAX_QUEUE - nq < 128)
             FLUSH();
-        cx->stats.syscalls[FP_SYS_READ]++;
-        ssize_t r = read(tun_fd, b->arena, rbuf);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno != EAGAIN)
-                rerr = -errno;
+        ssize_t r = tun_read(cx, tun_fd, b->arena, rbuf, &rerr);
+        if (r < 0)
             break;
-        }
         int n = fp_gso_split(b->arena, (uint32_t)r, cx->mtu, b->aux + used, b->aux_size - used,
                              seg_lens, FP_MAX_QUEUE - nq);
         if (n == -ENOSPC && nq) {
@@ -354,15 +365,9 @@ int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int 
         int rerr = 0;
         while (n < want) {
             uint8_t *slot = b->arena + (size_t)n * b->slot_size;
-            cx->stats.syscalls[FP_SYS_READ]++;
-            ssize_t r = read(tun_fd, slot, b->slot_size);
-            if (r < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno != EAGAIN)
-                    rerr = -errno;
+            ssize_t r = tun_read(cx, tun_fd, slot, b->slot_size, &rerr);
+            if (r < 0)
                 break;
-            }
             uint32_t len = (uint32_t)r;
             st->rx_packets++;
             st->rx_bytes += len;

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -23,19 +25,23 @@ from packets import (
     nonzero,
 )
 
-DROP_REASONS = (
-    "too_short",
-    "not_ipv4",
-    "bad_header",
-    "truncated",
-    "oversize",
-    "bad_checksum",
-    "ttl_exceeded",
-    "no_route",
-    "tx_error",
-    "bad_offload",
-)
-SYSCALL_KINDS = ("read", "write", "sendmmsg", "recvmmsg", "sendto", "recvfrom", "poll")
+
+def _header_enum(prefix: str, count_name: str) -> tuple[str, ...]:
+    """Names of csrc/fastpath.h's `#define <prefix>NAME <index>` block, in index order: the
+    twin's name tuples are pinned to the contract itself, not to a copy of it."""
+    text = (Path(__file__).resolve().parent.parent / "csrc" / "fastpath.h").read_text()
+    found = {
+        int(v): k.lower()
+        for k, v in re.findall(rf"#define {prefix}(\w+) (\d+)", text)
+        if k != count_name
+    }
+    count = int(re.search(rf"#define {prefix}{count_name} (\d+)", text).group(1))
+    assert sorted(found) == list(range(count)), found
+    return tuple(found[i] for i in range(count))
+
+
+DROP_REASONS = _header_enum("FP_DROP_", "REASONS")
+SYSCALL_KINDS = _header_enum("FP_SYS_", "KINDS")
 
 LOCAL = ip("198.18.0.1")  # the TUN address: source of ICMP errors
 SRC = "198.18.5.5"
