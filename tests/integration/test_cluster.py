@@ -213,15 +213,17 @@ def test_env_endpoints_like_flag(cl: Cluster) -> None:
 def test_flannel_written_lease_is_routed(cl: Cluster) -> None:
     """A lease in flannel's exact bytes, written with etcdctl, becomes a route on every node
     (ICMP net-unreachable for that subnet stops); deleting it withdraws the route again."""
-    key = f"{PREFIX}/subnets/198.19.77.0-24"
+    # Above the window nodes allocate from (a random pick among the first 100 free subnets from
+    # SubnetMin, 198.19.1.0): a subnet in that window may already be a node's own lease.
+    key = f"{PREFIX}/subnets/198.19.240.0-24"
     value = '{"PublicIP":"198.18.0.77","PublicIPv6":null}'
-    probe = "198.19.77.1"
+    probe = "198.19.240.1"
     assert cl.udp_probe(0, probe) == "net-unreachable"
     t0 = time.time()
     cl.etcdctl("put", key, value)
     try:
         for i in BASE:
-            ev = cl.nodes[i].wait_event("peer added", "198.19.77.0/24 via 198.18.0.77", after=t0)
+            ev = cl.nodes[i].wait_event("peer added", "198.19.240.0/24 via 198.18.0.77", after=t0)
             assert ev.ts - t0 < ROUTE_BAR, f"n{i} programmed it after {ev.ts - t0:.3f}s"
         # Routed towards 198.18.0.77 (nobody): the daemon no longer answers unreachable.
         assert cl.udp_probe(0, probe) == "timeout"
@@ -229,7 +231,7 @@ def test_flannel_written_lease_is_routed(cl: Cluster) -> None:
         t1 = time.time()
         cl.etcdctl("del", key)
     for i in BASE:
-        ev = cl.nodes[i].wait_event("peer removed", "198.19.77.0/24", after=t1)
+        ev = cl.nodes[i].wait_event("peer removed", "198.19.240.0/24", after=t1)
         assert ev.ts - t1 < ROUTE_BAR
     assert wait_probe(cl, 0, probe, "net-unreachable") == "net-unreachable"
 
