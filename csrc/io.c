@@ -363,6 +363,7 @@ int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int 
         uint32_t want = (uint32_t)(budget - total) < want_max ? (uint32_t)(budget - total) : want_max;
         uint32_t n = 0, nsend = 0;
         int rerr = 0;
+        uint64_t now = now_ns(); /* one clock read per round: only the ICMP bucket uses it */
         while (n < want) {
             uint8_t *slot = b->arena + (size_t)n * b->slot_size;
             ssize_t r = tun_read(cx, tun_fd, slot, b->slot_size, &rerr);
@@ -373,7 +374,7 @@ int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int 
             st->rx_bytes += len;
             uint32_t rlen = 0;
             fp_hop hop;
-            int v = fp_egress(cx, rt, slot, &len, now_ns(), &hop, reply, &rlen);
+            int v = fp_egress(cx, rt, slot, &len, now, &hop, reply, &rlen);
             if (v == FP_FORWARD) {
                 iov[nsend].iov_base = slot;
                 iov[nsend].iov_len = len;

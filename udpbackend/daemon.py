@@ -21,7 +21,7 @@ from typing import Any
 from . import packet
 from .config import NodeConfig
 from .forwarder import Forwarder
-from .health import HealthServer
+from .health import HealthServer, Route
 from .iface import ExternalInterface, IfaceError, find_interface
 from .subnetenv import format_subnet_env, write_subnet_env
 from .tun import Tun, TunError, create_tun
@@ -279,19 +279,9 @@ async def _run_c_driver(plane: DataPlane, stop: asyncio.Event, failed: list[OSEr
         os.close(stop_w)
 
 
-async def start_health(opts: RunOptions, plane: DataPlane, cfg: NodeConfig) -> HealthServer:
-    """/healthz, /readyz and /metrics for a static node (ready as soon as it forwards)."""
-    from .metrics import CONTENT_TYPE, render
-
-    def ok(body: bytes) -> Any:
-        return lambda: (200, "text/plain", body)
-
-    def metrics() -> tuple[int, str, bytes]:
-        control = {"subnet": str(cfg.subnet), "ready": True}
-        return 200, CONTENT_TYPE, render(plane.stats_doc(), control)
-
-    routes = {"/healthz": ok(b"flanneld is running"), "/readyz": ok(b"flanneld is ready")}
-    routes["/metrics"] = metrics
+async def serve_health(opts: RunOptions, routes: dict[str, Route]) -> HealthServer:
+    """The --healthz-ip/--healthz-port server with these routes; a port that cannot be bound
+    is a StartupError."""
     health = HealthServer(opts.healthz_ip, opts.healthz_port, routes)
     try:
         await health.start()
@@ -300,6 +290,21 @@ async def start_health(opts: RunOptions, plane: DataPlane, cfg: NodeConfig) -> H
             f"cannot serve health on {opts.healthz_ip}:{opts.healthz_port}: {e.strerror}"
         ) from None
     return health
+
+
+def static_health_routes(plane: DataPlane, cfg: NodeConfig) -> dict[str, Route]:
+    """/healthz, /readyz and /metrics for a static node (ready as soon as it forwards)."""
+    from .metrics import CONTENT_TYPE, render
+
+    def metrics() -> tuple[int, str, bytes]:
+        control = {"subnet": str(cfg.subnet), "ready": True}
+        return 200, CONTENT_TYPE, render(plane.stats_doc(), control)
+
+    return {
+        "/healthz": lambda: (200, "text/plain", b"flanneld is running"),
+        "/readyz": lambda: (200, "text/plain", b"flanneld is ready"),
+        "/metrics": metrics,
+    }
 
 
 async def run_static(cfg: NodeConfig, opts: RunOptions) -> int:
@@ -325,7 +330,7 @@ async def run_static(cfg: NodeConfig, opts: RunOptions) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if opts.healthz_port:
-            health = await start_health(opts, plane, cfg)
+            health = await serve_health(opts, static_health_routes(plane, cfg))
         if opts.driver == "c":
             await _run_c_driver(plane, stop, failed)
         else:

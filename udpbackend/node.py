@@ -17,8 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .config import ConfigError
-from .daemon import DataPlane, RunOptions, StartupError
-from .health import HealthServer
+from .daemon import DataPlane, RunOptions, StartupError, serve_health
 from .iptables import Iptables, IptablesError, Rule, forward_rules, masq_rules
 from .metrics import CONTENT_TYPE, render
 from .subnet import (
@@ -262,17 +261,9 @@ async def run_etcd_node(opts: RunOptions) -> int:
         loop.add_signal_handler(sig, node.stop.set)
     health = None
     if opts.healthz_port:
-        health = HealthServer(
-            opts.healthz_ip,
-            opts.healthz_port,
-            {"/healthz": node._healthz, "/readyz": node._readyz, "/metrics": node._metrics},
+        health = await serve_health(
+            opts, {"/healthz": node._healthz, "/readyz": node._readyz, "/metrics": node._metrics}
         )
-        try:
-            await health.start()
-        except OSError as e:
-            raise StartupError(
-                f"cannot serve health on {opts.healthz_ip}:{opts.healthz_port}: {e.strerror}"
-            ) from None
     tasks: list[asyncio.Task[Any]] = []
     try:
         if await node.start():
