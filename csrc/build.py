@@ -9,7 +9,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["packet.c", "route.c", "offload.c", "io.c"]
+SOURCES = ["packet.c", "route.c", "offload.c", "io.c", "steer.c"]
 
 with open(os.path.join(HERE, "fastpath.h")) as f:
     header = f.read()

@@ -219,7 +219,8 @@ int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
  *   2. fp_egress on each: FORWARD -> queued with its own next hop; REPLY -> written back
  *      into tun_fd (delivered to the local sender);
  *   3. one sendmmsg for the queued packets (per_packet: one sendto each); with udp_gso, each
- *      run of consecutive packets to one peer, all of one size but the last (which may be
+ *      run of consecutive packets of one inner flow (addresses, protocol, ports) to one
+ *      peer, all of one size but the last (which may be
  *      shorter), is one message with a UDP_SEGMENT control message (at most FP_GSO_MAX_SEGS
  *      datagrams and 65507 bytes); a run the kernel refuses is sent again datagram by
  *      datagram.  A socket that stays full after one wait of 5 ms and one retry, or refuses a
@@ -244,3 +245,13 @@ int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget);
  * change nothing it reads (routes, cx) until it has returned. */
 int fp_run(fp_ctx *cx, const fp_routes *rt, fp_batch *egress, fp_batch *ingress, int tun_fd,
            int udp_fd, int stop_fd, int budget);
+
+/* Multi-queue ingress steering (steer.c): attach to udp_fd's SO_REUSEPORT group (nsocks
+ * sockets, bound in queue order) a classic-BPF program that sends each datagram to socket
+ *   ((h * 0x9E3779B1 mod 2^32) >> 16) % nsocks,  h = x ^ (x >> 16),  x = src ^ dst (^ the 32-bit port word at IHL*4 for TCP
+ *   and UDP packets that are not fragments),
+ * read big-endian from the inner IPv4 packet (the datagram's payload), so that one inner flow
+ * always reaches one queue; a datagram too short for a load goes to socket 0.  0 or -errno
+ * (-EINVAL: nsocks outside 1..FP_STEER_MAX_SOCKS).  packet.steer_index is the twin. */
+#define FP_STEER_MAX_SOCKS 256
+int fp_reuseport_steer(int udp_fd, uint32_t nsocks);

@@ -226,8 +226,28 @@ static int same_hop(const struct sockaddr_in *a, const struct sockaddr_in *b)
     return a->sin_addr.s_addr == b->sin_addr.s_addr && a->sin_port == b->sin_port;
 }
 
+/* The inner flow of a queued IPv4 packet (validated by fp_egress): addresses, protocol and,
+ * for TCP/UDP packets that are not fragments, the port word.  A GSO message holds one flow
+ * only, so the receiver's steering (fp_reuseport_steer), which sees a merged message's first
+ * packet, cannot send part of a flow to another queue. */
+static int same_flow(const struct iovec *a, const struct iovec *b)
+{
+    const uint8_t *p = a->iov_base, *q = b->iov_base;
+    if (memcmp(p + IP_OFF_PROTO, q + IP_OFF_PROTO, 1) || memcmp(p + IP_OFF_SRC, q + IP_OFF_SRC, 8))
+        return 0;
+    if (p[IP_OFF_PROTO] != 6 && p[IP_OFF_PROTO] != 17)
+        return 1;
+    uint32_t ha = (p[0] & 0xfu) * 4, hb = (q[0] & 0xfu) * 4;
+    int frag_a = (rd16(p + IP_OFF_FRAG) & 0x3fff) != 0, frag_b = (rd16(q + IP_OFF_FRAG) & 0x3fff) != 0;
+    if (frag_a || frag_b)
+        return frag_a == frag_b;
+    if (a->iov_len < ha + 4 || b->iov_len < hb + 4)
+        return a->iov_len < ha + 4 && b->iov_len < hb + 4;
+    return memcmp(p + ha, q + hb, 4) == 0;
+}
+
 /* Turn the nsend queued datagrams into messages: one each, or with udp_gso one per run of
- * consecutive datagrams to one peer, all of one size but a shorter last one. */
+ * consecutive datagrams of one inner flow to one peer, all of one size but a shorter last. */
 static uint32_t build_msgs(fp_ctx *cx, struct iovec *iov, struct sockaddr_in *to, uint32_t nsend,
                            struct mmsghdr *msgs, uint32_t *pkts, ctrl_t *ctrl)
 {
@@ -237,7 +257,7 @@ static uint32_t build_msgs(fp_ctx *cx, struct iovec *iov, struct sockaddr_in *to
         size_t seg = iov[i].iov_len, bytes = seg;
         if (cx->udp_gso) {
             while (j < nsend && j - i < FP_GSO_MAX_SEGS && same_hop(&to[j], &to[i])
-                   && iov[j].iov_len <= seg && bytes + iov[j].iov_len <= UDP_MAX_PAYLOAD) {
+                   && same_flow(&iov[j], &iov[i]) && iov[j].iov_len <= seg && bytes + iov[j].iov_len <= UDP_MAX_PAYLOAD) {
                 bytes += iov[j].iov_len;
                 if (iov[j++].iov_len < seg)
                     break;

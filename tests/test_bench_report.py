@@ -300,6 +300,7 @@ def test_parse_rungs() -> None:
         "per-packet",
         "batched-nooffload",
         "batched",
+        "multiqueue",
     }
 
 

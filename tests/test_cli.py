@@ -2,6 +2,7 @@
 non-zero exit, never a traceback; flanneld spellings (FLANNELD_* environment, -flag) work.
 Runs the real `main()` in-process; nothing here needs root or sends a packet."""
 
+import os
 import socket
 
 import pytest
@@ -67,6 +68,9 @@ def one_line(err: str) -> str:
         (["run", "--subnet-lease-renew-margin=0"], "out of acceptable range"),
         (["run", "--subnet-lease-renew-margin=1440"], "out of acceptable range"),
         (["run", *NET, "--mode", "python", "--driver", "c"], "--driver c"),
+        (["run", *NET, "--queues", "0"], "--queues: '0' is not auto or a number in 1..64"),
+        (["run", *NET, "--queues", "65"], "--queues"),
+        (["run", *NET, "--queues", "many"], "--queues: 'many'"),
     ],
 )
 def test_bad_flags_are_one_line_exit_2(capsys, monkeypatch, argv, needle):
@@ -162,3 +166,11 @@ def test_bool_flags_take_go_spellings():
     assert args.iptables_forward_rules is False and args.ip_masq is True
     assert cli.env_var("--iface-can-reach") == "FLANNELD_IFACE_CAN_REACH"
     assert "FLANNELD_ETCD_CAFILE" in cli.known_env_vars()
+
+
+def test_queues_auto_is_one_per_usable_cpu(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert cli.parse_queues("auto") == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(200)))
+    assert cli.parse_queues("auto") == cli.MAX_QUEUES
+    assert cli.parse_queues("5") == 5

@@ -480,6 +480,29 @@ def test_gso_runs_split_by_peer_size_and_limit(make_rig):
         peer2.close()
 
 
+@pytest.mark.parametrize(
+    "ports, gso_messages",
+    [
+        ((1, 1, 1, 2, 2, 2), 2),  # two runs of one flow each: one message per flow
+        ((1, 2, 1, 2, 1, 2), 0),  # flows alternate: nothing to coalesce
+        ((1, 1, 2, 2, 3, 3), 3),
+    ],
+)
+def test_gso_message_holds_one_inner_flow(make_rig, ports, gso_messages):
+    # The receiver's multi-queue steering sees a merged message's first packet only, so a
+    # message mixing flows could put part of a flow on another queue (reordering).
+    rig = make_rig("c-batched", batch=16, offload=True)
+    if not rig.pump.offloads["udp_gso"]:
+        pytest.skip("the kernel refused UDP_SEGMENT on this socket")
+    pkts = [ipv4_udp(SRC, DST, bytes([i]) * 100, sport=5000 + p) for i, p in enumerate(ports)]
+    rig.to_tun(*pkts)
+    assert rig.pump.tun_to_udp(100) == len(pkts)
+    assert [d for d, _ in rig.peer_in(len(pkts))] == [forwarded(p) for p in pkts]
+    s = rig.cx.stats()
+    assert s["gso_sends"] == gso_messages
+    assert s["syscalls"]["sendmmsg"] == 1
+
+
 def test_gro_ingress_split_into_packets(make_rig):
     rig = make_rig("c-batched", batch=8, offload=True)
     if not rig.pump.offloads["udp_gro"]:

@@ -50,6 +50,8 @@ def stats_doc(ctx_cls: Any = packet.Context) -> dict[str, Any]:
         "mtu": 1472,
         "offloads": {"udp_gso": True, "udp_gro": False},
         "stats": st,
+        "queues": 2,
+        "per_queue": [{"egress": 70, "ingress": 10}, {"egress": 49, "ingress": 30}],
     }
 
 
@@ -124,6 +126,13 @@ def test_render_follows_prometheus_conventions(ctx_cls: Any) -> None:
     assert samples(fams, "udpbackend_tun_mtu_bytes") == {(): 1472.0}
     info = samples(fams, "udpbackend_dataplane_info")
     assert info == {(("mode", "batched"), ("tun", "flannel0")): 1.0}
+    per_queue = samples(fams, "udpbackend_queue_tx_packets_total")
+    assert per_queue == {
+        (("direction", "egress"), ("queue", "0")): 70.0,
+        (("direction", "ingress"), ("queue", "0")): 10.0,
+        (("direction", "egress"), ("queue", "1")): 49.0,
+        (("direction", "ingress"), ("queue", "1")): 30.0,
+    }
 
 
 def test_batch_histogram_is_cumulative_with_power_of_two_bounds() -> None:

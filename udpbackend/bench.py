@@ -580,26 +580,38 @@ def _peers_10k(tb: Testbed) -> Path:
     return path
 
 
+ONE_QUEUE = ("--queues", "1")  # each rung below "multiqueue" adds one thing to the one before
+
 RUNGS: tuple[Rung, ...] = (
     Rung("veth", "veth, no overlay (ceiling)", _veth, "kernel"),
     Rung("vxlan", "kernel VXLAN (VNI 1, port 8472, MTU 1450)", _vxlan, "kernel"),
-    daemon_rung("python", "udpbackend python", "python"),
-    daemon_rung("per-packet", "udpbackend per-packet C", "per-packet"),
+    daemon_rung("python", "udpbackend python", "python", ONE_QUEUE),
+    daemon_rung("per-packet", "udpbackend per-packet C", "per-packet", ONE_QUEUE),
     daemon_rung(
-        "batched-nooffload", "udpbackend batched, --offload off", "batched", ["--offload", "off"]
+        "batched-nooffload",
+        "udpbackend batched, --offload off",
+        "batched",
+        [*ONE_QUEUE, "--offload", "off"],
     ),
-    daemon_rung("batched", "udpbackend batched (offload auto)", "batched"),
+    daemon_rung("batched", "udpbackend batched (offload auto)", "batched", ONE_QUEUE),
+    daemon_rung(
+        "multiqueue",
+        "udpbackend batched, --queues auto (the default)",
+        "batched",
+        ["--queues", "auto"],
+    ),
     daemon_rung(
         "batched-cdriver",
         "udpbackend batched, C-driven loop (--driver c)",
         "batched",
-        ["--driver", "c"],
+        [*ONE_QUEUE, "--driver", "c"],
         default=False,
     ),
     daemon_rung(
         "batched-10k",
         "udpbackend batched + 10k routes",
         "batched",
+        ONE_QUEUE,
         peers_file=_peers_10k,
         default=False,
     ),
@@ -1425,6 +1437,15 @@ def _cause(
     """One sentence naming the mechanism of a step, from the counters that changed."""
     a_sys, b_sys = pc.get("syscalls_per_packet"), c.get("syscalls_per_packet")
     a_cpu, b_cpu = pc.get("daemon_cpu_us_per_packet"), c.get("daemon_cpu_us_per_packet")
+    if r["name"] == "multiqueue":
+        pf, f = prev["figures"], r["figures"]
+        return (
+            f"Multiple queues: each a TUN queue, an SO_REUSEPORT socket and a thread, flows "
+            f"steered so that one stays on one queue; 4-stream TCP "
+            f"{_fmt(pf.get('tcp4_gbps'), 2)} -> {_fmt(f.get('tcp4_gbps'), 2)} Gbit/s. On this "
+            f"machine's {os.cpu_count()} CPUs the iperf3 ends, both daemons and the kernel's "
+            f"softirq work share the same cores, so extra queues compete with them."
+        )
     if prev["name"] == "python" and a_cpu is not None and b_cpu is not None:
         return (
             f"Same syscalls ({_fmt(a_sys, 2)} vs {_fmt(b_sys, 2)} per packet), so the "

@@ -126,6 +126,13 @@ def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="static mode: who drives the C pumps - the uvloop event loop (default) or a tight "
         "C epoll loop on a thread (a yardstick for the Python glue's cost)",
     )
+    g.add_argument(
+        "--queues",
+        default="auto",
+        metavar="N|auto",
+        help="data-plane queues: each a TUN queue, an SO_REUSEPORT UDP socket and a thread "
+        "(a flow stays on one); auto: one per CPU this process may use (default)",
+    )
     g.add_argument("--tun-name", default="flannel0", help="TUN device name (default %(default)s)")
     g.add_argument("--stats-file", help="keep the data-plane counters here as JSON (every 1 s)")
     return r
@@ -232,6 +239,7 @@ def _run(args: argparse.Namespace) -> int:
         offload=args.offload == "auto",
         mode=args.mode,
         driver=args.driver,
+        queues=parse_queues(args.queues),
         ip_masq=args.ip_masq,
         forward_rules=args.iptables_forward_rules,
         iptables_resync=args.iptables_resync,
@@ -267,6 +275,22 @@ def _run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise StartupError("must run as root: creating the TUN device needs CAP_NET_ADMIN")
     return run_node(static, opts)
+
+
+MAX_QUEUES = 64
+
+
+def parse_queues(text: str) -> int:
+    """--queues: a count in 1..MAX_QUEUES, or auto (one per CPU we may run on, at most that)."""
+    if text == "auto":
+        return max(1, min(MAX_QUEUES, len(os.sched_getaffinity(0))))
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_QUEUES:
+        raise ConfigError(f"--queues: {text!r} is not auto or a number in 1..{MAX_QUEUES}")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:

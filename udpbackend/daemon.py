@@ -1,5 +1,5 @@
 """Composition root: the only place where the planes meet.  Turns a NodeConfig into a
-running node (interface, UDP socket, TUN, routes, pump, forwarder on uvloop), runs it until
+running node (interface, TUN, per queue a UDP socket, pump and loop thread), runs it until
 SIGTERM/SIGINT and takes it down again.  Per-packet work never happens here.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from . import packet
 from .config import NodeConfig
-from .forwarder import Forwarder
+from .forwarder import QueueThread
 from .health import HealthServer, Route
 from .iface import ExternalInterface, IfaceError, find_interface
 from .subnetenv import format_subnet_env, write_subnet_env
@@ -53,6 +53,7 @@ class RunOptions:
     offload: bool = True  # --offload auto: UDP GSO/GRO where the kernel has them
     mode: str = "batched"
     driver: str = "python"  # static mode: "c" runs the pumps from fp_run's C loop instead
+    queues: int = 1  # TUN queues / UDP sockets / threads (IFF_MULTI_QUEUE + SO_REUSEPORT)
     ip_masq: bool = False
     forward_rules: bool = True
     iptables_resync: int = 5
@@ -68,8 +69,11 @@ class RunOptions:
     renew_margin_minutes: int = 60
 
 
-def open_udp_socket(address: ipaddress.IPv4Address, port: int) -> socket.socket:
-    """Non-blocking UDP socket bound to address:port with large buffers."""
+def open_udp_socket(
+    address: ipaddress.IPv4Address, port: int, reuseport: bool = False
+) -> socket.socket:
+    """Non-blocking UDP socket bound to address:port with large buffers; ``reuseport``: a
+    member of an SO_REUSEPORT group (one per queue)."""
     s = socket.socket(
         socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
     )
@@ -79,6 +83,8 @@ def open_udp_socket(address: ipaddress.IPv4Address, port: int) -> socket.socket:
                 s.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
             except OSError:
                 s.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        if reuseport:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.bind((str(address), port))
     except OSError as e:
         s.close()
@@ -88,6 +94,29 @@ def open_udp_socket(address: ipaddress.IPv4Address, port: int) -> socket.socket:
             raise StartupError(f"cannot bind UDP {address}:{port}: address not local") from None
         raise StartupError(f"cannot bind UDP {address}:{port}: {e.strerror}") from None
     return s
+
+
+def open_udp_sockets(address: ipaddress.IPv4Address, port: int, n: int) -> list[socket.socket]:
+    """One socket per queue.  Several form an SO_REUSEPORT group (bound in queue order) with
+    fp_reuseport_steer attached, so each inner flow reaches one queue; if the kernel refuses
+    the program, its own 4-tuple hash picks (every datagram from one peer on one queue)."""
+    if n == 1:
+        return [open_udp_socket(address, port)]
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            socks.append(open_udp_socket(address, port, reuseport=True))
+        from . import fastpath
+
+        try:
+            fastpath.reuseport_steer(socks[0], n)
+        except OSError as e:
+            log.info("ingress flow steering refused (%s): the kernel spreads by peer", e.strerror)
+    except BaseException:
+        for sk in socks:
+            sk.close()
+        raise
+    return socks
 
 
 def make_pump(
@@ -131,10 +160,30 @@ def write_stats(path: str, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-class DataPlane:
-    """The data plane of one node: external interface, UDP socket, TUN, pump and forwarder.
+def sum_stats(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counters of several queues added up (same shape as one queue's stats())."""
 
-    Routes are changed only through set_route/delete_route, on the loop thread."""
+    def add(a: Any, b: Any) -> Any:
+        if isinstance(a, dict):
+            return {k: add(a[k], b[k]) for k in a}
+        if isinstance(a, list):
+            return [x + y for x, y in zip(a, b, strict=True)]
+        return a + b
+
+    total = docs[0]
+    for d in docs[1:]:
+        total = add(total, d)
+    return total
+
+
+class DataPlane:
+    """The data plane of one node: external interface, TUN and, per queue, a UDP socket, a
+    pump and a QueueThread running it.
+
+    The route table is ``self.routes`` (subnet -> peer public IP), written on the control
+    plane's thread through set_route/delete_route only; each queue keeps its own copy in its
+    pump, changed on its own thread (QueueThread.call) - so C never reads a table being
+    written."""
 
     def __init__(
         self,
@@ -148,11 +197,13 @@ class DataPlane:
         self.port = port
         self.opts = opts
         self.ext: ExternalInterface | None = None
-        self.sock: socket.socket | None = None
+        self.socks: list[socket.socket] = []
         self.tun: Tun | None = None
-        self.pump: Any = None
-        self.forwarder: Forwarder | None = None
+        self.queues: list[QueueThread] = []
+        self.routes: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
         self.mtu = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_error: Any = None
 
     @staticmethod
     def select_interface(opts: RunOptions) -> tuple[ExternalInterface, int]:
@@ -166,7 +217,7 @@ class DataPlane:
     def setup(self) -> None:
         opts = self.opts
         self.ext, self.mtu = self.select_interface(opts)
-        self.sock = open_udp_socket(self.ext.address, self.port)
+        self.socks = open_udp_sockets(self.ext.address, self.port, opts.queues)
         tun_address = self.subnet.network_address
         self.tun = create_tun(
             opts.tun_name,
@@ -174,17 +225,29 @@ class DataPlane:
             self.network,
             self.mtu,
             offload=opts.offload and opts.mode == "batched",
+            queues=opts.queues,
         )
-        self.pump = make_pump(
-            opts.mode,
-            int(tun_address),
-            self.mtu,
-            self.tun.fd,
-            self.sock,
-            opts.batch,
-            opts.offload,
-            vnet=self.tun.vnet,
-        )
+        for i, (fd, sock) in enumerate(zip(self.tun.fds, self.socks, strict=True)):
+            pump = make_pump(
+                opts.mode,
+                int(tun_address),
+                self.mtu,
+                fd,
+                sock,
+                opts.batch,
+                opts.offload,
+                vnet=self.tun.vnet,
+            )
+            self.queues.append(
+                QueueThread(
+                    f"udpbackend-q{i}",
+                    pump,
+                    fd,
+                    sock.fileno(),
+                    self._on_queue_error,
+                    driver=opts.driver,
+                )
+            )
         if self.tun.vnet:
             log.debug("TUN offloads on: %s", ", ".join(self.tun.offloads))
 
@@ -196,54 +259,67 @@ class DataPlane:
             raise StartupError(str(e)) from None
 
     def set_route(self, subnet: ipaddress.IPv4Network, public_ip: ipaddress.IPv4Address) -> None:
-        self.pump.routes.set(
-            int(subnet.network_address), subnet.prefixlen, int(public_ip), self.port
-        )
+        self.routes[subnet] = public_ip
+        args = (int(subnet.network_address), subnet.prefixlen, int(public_ip), self.port)
+        for q in self.queues:
+            q.call(q.pump.routes.set, *args)
 
     def delete_route(self, subnet: ipaddress.IPv4Network) -> bool:
-        try:
-            self.pump.routes.delete(int(subnet.network_address), subnet.prefixlen)
-        except KeyError:
+        if self.routes.pop(subnet, None) is None:
             return False
+        for q in self.queues:
+            q.call(q.pump.routes.delete, int(subnet.network_address), subnet.prefixlen)
         return True
 
+    def _on_queue_error(self, e: OSError) -> None:
+        """From a queue's thread: hand the failure to the control plane's loop."""
+        if self._loop is not None and self._on_error is not None:
+            self._loop.call_soon_threadsafe(self._on_error, e)
+
     def start(self, loop: asyncio.AbstractEventLoop, on_error: Any) -> None:
-        assert self.tun and self.sock
-        self.forwarder = Forwarder(
-            loop, self.pump, self.tun.fd, self.sock.fileno(), on_error=on_error
-        )
-        self.forwarder.start()
+        """Start every queue's thread; ``on_error`` is called on ``loop`` when one fails."""
+        self._loop, self._on_error = loop, on_error
+        for q in self.queues:
+            q.start()
 
     def describe(self) -> str:
         assert self.tun and self.ext
+        queues = f", {len(self.queues)} queues" if len(self.queues) > 1 else ""
         return (
             f"{self.tun.name} {self.subnet.network_address}/32 mtu {self.mtu}, "
             f"udp {self.ext.address}:{self.port} on {self.ext.name}, mode {self.opts.mode}"
+            f"{queues}"
         )
 
     def stats_doc(self) -> dict[str, Any]:
+        per_queue = [q.pump.cx.stats() for q in self.queues]
         return {
             "mode": self.opts.mode,
-            "routes": len(self.pump.routes) if self.pump else 0,
+            "routes": len(self.routes),
             "tun": self.tun.name if self.tun else None,
             "mtu": self.mtu,
-            "offloads": getattr(self.pump, "offloads", {}),
-            "stats": self.pump.cx.stats() if self.pump else {},
+            "queues": len(self.queues),
+            "offloads": getattr(self.queues[0].pump, "offloads", {}) if self.queues else {},
+            "stats": sum_stats(per_queue) if per_queue else {},
+            "per_queue": [
+                {"egress": d["egress"]["tx_packets"], "ingress": d["ingress"]["tx_packets"]}
+                for d in per_queue
+            ],
         }
 
     def write_stats(self) -> None:
-        if self.opts.stats_file and self.pump:
+        if self.opts.stats_file and self.queues:
             write_stats(self.opts.stats_file, self.stats_doc())
 
     def teardown(self) -> None:
-        """Stop forwarding; closing the fd removes the TUN device and its route."""
-        if self.forwarder:
-            self.forwarder.stop()
+        """Stop forwarding; closing the fds removes the TUN device and its route."""
+        for q in self.queues:
+            q.stop()
         self.write_stats()
         if self.tun:
             self.tun.close()
-        if self.sock:
-            self.sock.close()
+        for sk in self.socks:
+            sk.close()
 
 
 async def _until_stopped(plane: DataPlane, stop: asyncio.Event) -> None:
@@ -251,32 +327,6 @@ async def _until_stopped(plane: DataPlane, stop: asyncio.Event) -> None:
         plane.write_stats()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), STATS_INTERVAL)
-
-
-async def _run_c_driver(plane: DataPlane, stop: asyncio.Event, failed: list[OSError]) -> None:
-    """Static mode with --driver c: the pumps run in fp_run's C loop on a thread of its own
-    while this loop only writes the stats file and waits for a signal."""
-    from .forwarder import DEFAULT_BUDGET
-
-    stop_r, stop_w = os.pipe()
-    try:
-        thread = asyncio.create_task(
-            asyncio.to_thread(plane.pump.run_c_loop, stop_r, DEFAULT_BUDGET)
-        )
-        log.info("ready: %s, %d routes, C driver", plane.describe(), len(plane.pump.routes))
-        waiter = asyncio.create_task(_until_stopped(plane, stop))
-        await asyncio.wait([thread, waiter], return_when=asyncio.FIRST_COMPLETED)
-        os.write(stop_w, b"x")
-        try:
-            await thread
-        except OSError as e:
-            log.error("C driver stopped: %s", e.strerror or e)
-            failed.append(e)
-        stop.set()
-        await waiter
-    finally:
-        os.close(stop_r)
-        os.close(stop_w)
 
 
 async def serve_health(opts: RunOptions, routes: dict[str, Route]) -> HealthServer:
@@ -331,12 +381,10 @@ async def run_static(cfg: NodeConfig, opts: RunOptions) -> int:
             loop.add_signal_handler(sig, stop.set)
         if opts.healthz_port:
             health = await serve_health(opts, static_health_routes(plane, cfg))
-        if opts.driver == "c":
-            await _run_c_driver(plane, stop, failed)
-        else:
-            plane.start(loop, on_error)
-            log.info("ready: %s, %d routes", plane.describe(), len(plane.pump.routes))
-            await _until_stopped(plane, stop)
+        plane.start(loop, on_error)
+        driver = ", C driver" if opts.driver == "c" else ""
+        log.info("ready: %s, %d routes%s", plane.describe(), len(plane.routes), driver)
+        await _until_stopped(plane, stop)
         assert plane.tun
         log.info("stopping: removing %s", plane.tun.name)
     finally:

@@ -40,6 +40,7 @@ __all__ = [
     "checksum",
     "egress",
     "ingress",
+    "reuseport_steer",
 ]
 
 assert len(DROP_REASONS) == lib.FP_DROP_REASONS and len(SYSCALL_KINDS) == lib.FP_SYS_KINDS
@@ -223,6 +224,16 @@ def gro_coalesce(pkts: list[bytes]) -> list[tuple[bytes, int]]:
         res.append((bytes(ffi.buffer(out + at, out_lens[i])), out_segs[i]))
         at += out_lens[i]
     return res
+
+
+def reuseport_steer(sock: socket.socket, nsocks: int) -> None:
+    """Attach fp_reuseport_steer's program to the SO_REUSEPORT group of ``sock`` (``nsocks``
+    sockets, bound in queue order): each inner flow reaches one queue. OSError if refused."""
+    if not 1 <= nsocks <= lib.FP_STEER_MAX_SOCKS:
+        raise ValueError(f"nsocks must be 1..{lib.FP_STEER_MAX_SOCKS}")
+    rc = lib.fp_reuseport_steer(sock.fileno(), nsocks)
+    if rc < 0:  # EINVAL here: sock is in no SO_REUSEPORT group
+        raise _oserror(rc)
 
 
 class Pump:

@@ -1,5 +1,6 @@
 """Event-loop glue of the data plane: watch the TUN fd and the UDP socket with
-``loop.add_reader`` and call the pump with a packet budget on each wake-up.
+``loop.add_reader`` and call the pump with a packet budget on each wake-up; one such loop per
+queue, each in a thread of its own (QueueThread).
 Knows fds and a pump, nothing of TUN set-up, routes' origin or etcd; never blocks the loop.
 """
 
@@ -7,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger("udpbackend")
 
@@ -71,4 +74,94 @@ class Forwarder:
         self.stop()
         log.error("%s stopped: %s", where, e.strerror or e)
         if self.on_error:
+            self.on_error(e)
+
+
+class QueueThread:
+    """One queue of the data plane on an event loop of its own, in a thread of its own.
+
+    The loop holds nothing but the queue's two readers (and calls handed to it), so its epoll
+    waits without a timeout.  That is measured, not cosmetic: on the control plane's loop a
+    pending timer made every wake-up arm and cancel an hrtimer, and idle ping RTT through two
+    nodes pinned to one core went from 0.047 ms to 0.167 ms.  Everything that touches the pump
+    (route changes included) runs on this thread through ``call``; cffi drops the GIL in the
+    C pumps, so queues run in parallel.  ``driver="c"`` runs fp_run's C loop instead (the
+    yardstick; then ``call`` is refused while running: nothing may change under it)."""
+
+    def __init__(
+        self,
+        name: str,
+        pump: Any,
+        tun_fd: int,
+        udp_fd: int,
+        on_error: Callable[[OSError], None],
+        budget: int = DEFAULT_BUDGET,
+        driver: str = "python",
+    ) -> None:
+        self.name = name
+        self.pump = pump
+        self.tun_fd = tun_fd
+        self.udp_fd = udp_fd
+        self.on_error = on_error
+        self.budget = budget
+        self.driver = driver
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self._stop_fds: tuple[int, int] | None = None
+
+    def call(self, fn: Callable[..., object], *args: object) -> None:
+        """Run fn(*args) on the queue's thread (now, when the queue is not running)."""
+        if self.thread is None:
+            fn(*args)
+        elif self.loop is not None:
+            self.loop.call_soon_threadsafe(fn, *args)
+        else:
+            raise RuntimeError(f"{self.name}: the C driver is running, nothing may change")
+
+    def start(self) -> None:
+        started = threading.Event()
+        if self.driver == "c":
+            self._stop_fds = os.pipe()
+        target = self._run_python if self.driver == "python" else self._run_c
+        self.thread = threading.Thread(target=target, args=(started,), name=self.name, daemon=True)
+        self.thread.start()
+        started.wait()
+
+    def stop(self) -> None:
+        """Stop the loop and join the thread; the pump is idle afterwards."""
+        if self.thread is None:
+            return
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        elif self._stop_fds is not None:
+            os.write(self._stop_fds[1], b"x")  # fp_run returns once its stop fd is readable
+        self.thread.join()
+        self.thread = None
+        if self._stop_fds is not None:
+            for fd in self._stop_fds:
+                os.close(fd)
+            self._stop_fds = None
+
+    def _run_python(self, started: threading.Event) -> None:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+        fw = Forwarder(loop, self.pump, self.tun_fd, self.udp_fd, self.budget, self.on_error)
+        fw.start()
+        self.loop = loop
+        started.set()
+        try:
+            loop.run_forever()
+        finally:
+            fw.stop()
+            self.loop = None
+            loop.close()
+
+    def _run_c(self, started: threading.Event) -> None:
+        assert self._stop_fds is not None
+        started.set()
+        try:
+            self.pump.run_c_loop(self._stop_fds[0], self.budget)
+        except OSError as e:
+            log.error("%s: C driver stopped: %s", self.name, e.strerror or e)
             self.on_error(e)

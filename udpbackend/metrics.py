@@ -10,7 +10,8 @@ is given.
 ``stats_doc`` is ``DataPlane.stats_doc()`` (the same JSON the daemon keeps in --stats-file):
 ``{"mode", "routes", "tun", "mtu", "offloads": {name: bool}, "stats": {"egress": {...},
 "ingress": {...}, "icmp_unreachable", "icmp_time_exceeded", "icmp_ratelimited", "gso_sends",
-"gro_receives", "syscalls": {kind: n}}}``; an empty dict when the data plane is not up yet.
+"gro_receives", "syscalls": {kind: n}}, "queues": n, "per_queue": [{"egress": packets,
+"ingress": packets}, ...]}``; an empty dict when the data plane is not up yet.
 
 ``control`` (every key optional; a missing or None value leaves its metric out)::
 
@@ -99,6 +100,17 @@ class DataPlaneCollector(Collector):
             for name, on in sorted(offloads.items()):
                 g.add_metric([name], 1.0 if on else 0.0)
             yield g
+        per_queue = doc.get("per_queue") or []
+        if per_queue:
+            c = CounterMetricFamily(
+                f"{PREFIX}_queue_tx_packets",
+                "Packets passed on by each data-plane queue (TUN queue + socket + thread).",
+                labels=["queue", "direction"],
+            )
+            for i, q in enumerate(per_queue):
+                for d in DIRECTIONS:
+                    c.add_metric([str(i), d], _num(q.get(d)))
+            yield c
         if not st:
             return
         dirs = [(d, st.get(d) or {}) for d in DIRECTIONS]

@@ -36,6 +36,7 @@ __all__ = [
     "gro_coalesce",
     "gso_split",
     "ingress",
+    "steer_index",
 ]
 
 FORWARD, REPLY, DROP = 0, 1, 2
@@ -58,6 +59,7 @@ MAX_SLOT = 65536
 REPLY_MAX = 96
 ICMP_TTL = 8
 DEFAULT_PORT = 8285
+STEER_MAX_SOCKS = 256  # FP_STEER_MAX_SOCKS
 GSO_MAX_SEGS = 64  # FP_GSO_MAX_SEGS: also the most segments one TUN write may merge
 # TUN offloads (IFF_VNET_HDR): the 10-byte little-endian virtio-net header of fastpath.h.
 VNET_HDR_LEN = 10
@@ -631,6 +633,26 @@ def gro_coalesce(pkts: list[bytes]) -> list[tuple[bytes, int]]:
             out.append((vnet + bytes(p), j - i))
         i = j
     return out
+
+
+def steer_index(pkt: bytes | bytearray, nsocks: int) -> int:
+    """The queue fp_reuseport_steer's classic-BPF program picks for a datagram carrying
+    ``pkt``: src ^ dst (^ the port word of a TCP/UDP non-fragment), folded, multiplied by
+    the golden ratio (top 16 of 32 bits kept), modulo nsocks; 0
+    when a load would pass the end (classic BPF then returns 0)."""
+    if not 1 <= nsocks <= STEER_MAX_SOCKS:
+        raise ValueError(f"nsocks must be 1..{STEER_MAX_SOCKS}")
+    if len(pkt) < 20:
+        return 0
+    h = int.from_bytes(pkt[12:16], "big") ^ int.from_bytes(pkt[16:20], "big")
+    frag = int.from_bytes(pkt[6:8], "big") & 0x3FFF
+    if pkt[9] in (_IPPROTO_TCP, _IPPROTO_UDP) and not frag:
+        at = (pkt[0] & 0xF) * 4
+        if len(pkt) < at + 4:
+            return 0
+        h ^= int.from_bytes(pkt[at : at + 4], "big")
+    h ^= h >> 16
+    return (((h * 0x9E3779B1) & 0xFFFFFFFF) >> 16) % nsocks
 
 
 def _addr(ip: int) -> str:

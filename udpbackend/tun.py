@@ -19,6 +19,7 @@ TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
 IFF_VNET_HDR = 0x4000
 IFNAMSIZ = 16
 # TUNSETOFFLOAD bits: what the kernel may hand us unsegmented / with a partial checksum.
@@ -39,22 +40,29 @@ class TunError(RuntimeError):
 
 @dataclass
 class Tun:
-    fd: int
+    fds: tuple[int, ...]  # one per queue (IFF_MULTI_QUEUE when more than one)
     name: str
     index: int
     vnet: bool = False  # IFF_VNET_HDR: every read/write carries a virtio-net header
     offloads: tuple[str, ...] = ()  # what TUNSETOFFLOAD accepted
 
+    @property
+    def fd(self) -> int:
+        """The first queue's fd (the only one of a single-queue TUN)."""
+        return self.fds[0] if self.fds else -1
+
     def close(self) -> None:
-        """Close the fd; the device is not persistent, so the kernel removes it and its route."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close the fds; the device is not persistent, so the kernel removes it and its route
+        with the last one."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = ()
 
 
-def open_tun(name: str, vnet: bool = False) -> tuple[int, str]:
+def open_tun(name: str, vnet: bool = False, multi_queue: bool = False) -> tuple[int, str]:
     """Create (or attach to) TUN ``name``; returns a non-blocking, close-on-exec fd and the
-    name the kernel gave (``name`` may hold ``%d``).  ``vnet``: with IFF_VNET_HDR."""
+    name the kernel gave (``name`` may hold ``%d``).  ``vnet``: with IFF_VNET_HDR;
+    ``multi_queue``: IFF_MULTI_QUEUE, each further open of the same name adds a queue."""
     if len(name.encode()) >= IFNAMSIZ:
         raise TunError(f"TUN name {name!r} is longer than {IFNAMSIZ - 1} bytes")
     if not os.path.exists(TUN_DEVICE):
@@ -65,12 +73,27 @@ def open_tun(name: str, vnet: bool = False) -> tuple[int, str]:
         raise TunError(f"cannot open {TUN_DEVICE}: {e.strerror} (run as root)") from None
     try:
         flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet else 0)
+        flags |= IFF_MULTI_QUEUE if multi_queue else 0
         ifr = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
     except OSError as e:
         os.close(fd)
         hint = " (needs CAP_NET_ADMIN: run as root)" if e.errno == 1 else ""
         raise TunError(f"cannot create TUN device {name}: {e.strerror}{hint}") from None
     return fd, ifr[:IFNAMSIZ].rstrip(b"\0").decode()
+
+
+def open_queues(name: str, queues: int, vnet: bool) -> tuple[list[int], str]:
+    """``queues`` fds of one TUN (IFF_MULTI_QUEUE when more than one); all or none."""
+    fd, real = open_tun(name, vnet=vnet, multi_queue=queues > 1)
+    fds = [fd]
+    try:
+        for _ in range(queues - 1):
+            fds.append(open_tun(real, vnet=vnet, multi_queue=True)[0])
+    except BaseException:
+        for f in fds:
+            os.close(f)
+        raise
+    return fds, real
 
 
 def _sysctl(path: str, value: str) -> bool:
@@ -114,17 +137,20 @@ def create_tun(
     network: ipaddress.IPv4Network,
     mtu: int,
     offload: bool = False,
+    queues: int = 1,
 ) -> Tun:
     """Open and configure the TUN: ``address``/32, ``mtu``, txqueuelen, IPv6 off, up, and a
     route for ``network`` through it (an existing identical route is fine).  ``offload``:
-    open it with virtio-net headers and TSO; if the kernel refuses, without them."""
-    fd, real = open_tun(name, vnet=offload)
+    open it with virtio-net headers and TSO; if the kernel refuses, without them.
+    ``queues`` > 1: a multi-queue TUN with that many fds (the kernel keeps a flow on one)."""
+    fds, real = open_queues(name, queues, vnet=offload)
     offloads: tuple[str, ...] = ()
     if offload:
-        offloads = set_offloads(fd)
+        offloads = set_offloads(fds[0])
         if not offloads:  # a vnet TUN without offloads only costs: start again without
-            os.close(fd)
-            fd, real = open_tun(name)
+            for fd in fds:
+                os.close(fd)
+            fds, real = open_queues(name, queues, vnet=False)
     try:
         with IPRoute() as ipr:
             index = ipr.link_lookup(ifname=real)[0]
@@ -138,9 +164,11 @@ def create_tun(
                 if e.code != 17:  # EEXIST
                     raise
     except NetlinkError as e:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
         raise TunError(f"cannot configure {real}: {os.strerror(e.code)}") from None
     except BaseException:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
         raise
-    return Tun(fd, real, index, vnet=bool(offloads), offloads=offloads)
+    return Tun(tuple(fds), real, index, vnet=bool(offloads), offloads=offloads)
