@@ -115,6 +115,8 @@ LADDER: dict[str, tuple[float, float, float, float, dict[str, Any] | None]] = {
         ),
     ),
 }
+LADDER["multiqueue"] = (6.0, 150e3, 0.1, 2.0, LADDER["batched"][4])
+LADDER["multiqueue-rt"] = (6.1, 150e3, 0.05, 2.0, LADDER["batched"][4])
 
 
 def synthetic_doc(names: tuple[str, ...] = tuple(LADDER), runs: int = 3) -> dict[str, Any]:
@@ -224,8 +226,15 @@ def test_explain_walks_the_ladder_with_this_runs_numbers() -> None:
     assert "6.70 us of daemon CPU saved per packet" in text
     assert "syscalls/packet 2.02 -> 1.04" in text
     assert "700 TUN reads were TCP super-packets" in text
-    # other numbers, other text: nothing canned
     doc = synthetic_doc()
+    fig = {r["name"]: r["figures"] for r in doc["rungs"]}
+    mq, rt = fig["multiqueue"], fig["multiqueue-rt"]
+    assert (
+        f"4-stream TCP {fig['batched']['tcp4_gbps']:.2f} -> {mq['tcp4_gbps']:.2f} Gbit/s" in text
+    )
+    assert "SCHED_RR" in text
+    assert f"p99 {mq['rtt_loaded_p99_ms']:.2f} -> {rt['rtt_loaded_p99_ms']:.2f} ms" in text
+    # other numbers, other text: nothing canned
     for r in doc["rungs"]:
         if r["name"] == "batched-nooffload":
             r["counters"]["tcp"]["syscalls_per_packet"] = 1.5
@@ -301,6 +310,7 @@ def test_parse_rungs() -> None:
         "batched-nooffload",
         "batched",
         "multiqueue",
+        "multiqueue-rt",
     }
 
 

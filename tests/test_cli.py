@@ -71,6 +71,8 @@ def one_line(err: str) -> str:
         (["run", *NET, "--queues", "0"], "--queues: '0' is not auto or a number in 1..64"),
         (["run", *NET, "--queues", "65"], "--queues"),
         (["run", *NET, "--queues", "many"], "--queues: 'many'"),
+        (["run", *NET, "--rt-priority", "100"], "--rt-priority: 100 is outside 0..99"),
+        (["run", *NET, "--rt-priority", "-1"], "--rt-priority: -1 is outside 0..99"),
     ],
 )
 def test_bad_flags_are_one_line_exit_2(capsys, monkeypatch, argv, needle):

@@ -133,6 +133,14 @@ def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="data-plane queues: each a TUN queue, an SO_REUSEPORT UDP socket and a thread "
         "(a flow stays on one); auto: one per CPU this process may use (default)",
     )
+    g.add_argument(
+        "--rt-priority",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the queue threads SCHED_RR at priority N (1..99): packets no longer wait "
+        "for a time slice behind busy processes (latency under load); 0: normal (default)",
+    )
     g.add_argument("--tun-name", default="flannel0", help="TUN device name (default %(default)s)")
     g.add_argument("--stats-file", help="keep the data-plane counters here as JSON (every 1 s)")
     return r
@@ -240,6 +248,7 @@ def _run(args: argparse.Namespace) -> int:
         mode=args.mode,
         driver=args.driver,
         queues=parse_queues(args.queues),
+        rt_priority=args.rt_priority,
         ip_masq=args.ip_masq,
         forward_rules=args.iptables_forward_rules,
         iptables_resync=args.iptables_resync,
@@ -254,6 +263,8 @@ def _run(args: argparse.Namespace) -> int:
         etcd_password=args.etcd_password,
         renew_margin_minutes=args.subnet_lease_renew_margin,
     )
+    if not 0 <= args.rt_priority <= 99:
+        raise ConfigError(f"--rt-priority: {args.rt_priority} is outside 0..99")
     static = None
     if args.network or args.subnet:
         if not (args.network and args.subnet):

@@ -54,6 +54,7 @@ class RunOptions:
     mode: str = "batched"
     driver: str = "python"  # static mode: "c" runs the pumps from fp_run's C loop instead
     queues: int = 1  # TUN queues / UDP sockets / threads (IFF_MULTI_QUEUE + SO_REUSEPORT)
+    rt_priority: int = 0  # > 0: the queue threads run SCHED_RR at this priority
     ip_masq: bool = False
     forward_rules: bool = True
     iptables_resync: int = 5
@@ -246,6 +247,7 @@ class DataPlane:
                     sock.fileno(),
                     self._on_queue_error,
                     driver=opts.driver,
+                    rt_priority=opts.rt_priority,
                 )
             )
         if self.tun.vnet:
@@ -280,7 +282,13 @@ class DataPlane:
         """Start every queue's thread; ``on_error`` is called on ``loop`` when one fails."""
         self._loop, self._on_error = loop, on_error
         for q in self.queues:
-            q.start()
+            try:
+                q.start()
+            except OSError as e:
+                raise StartupError(
+                    f"cannot run the data plane at --rt-priority {self.opts.rt_priority} "
+                    f"(SCHED_RR): {e.strerror} (needs CAP_SYS_NICE or an RLIMIT_RTPRIO)"
+                ) from None
 
     def describe(self) -> str:
         assert self.tun and self.ext

@@ -76,3 +76,18 @@ def test_tun_has_one_queue_per_worker(testbed: Testbed) -> None:
         link: Any = ipr.link("get", ifname="flannel0")[0]
     assert link.get_attr("IFLA_NUM_TX_QUEUES") >= 3
     assert link.get_attr("IFLA_NUM_RX_QUEUES") >= 3
+
+
+def test_rt_priority_runs_only_the_queue_threads_in_sched_rr(testbed: Testbed) -> None:
+    import os
+
+    a, _ = start_pair(testbed, 2, 2, ("--rt-priority", "2"))
+    res = testbed.ping("a", B_TUN, count=5, interval=0.01)
+    assert res.received == 5, res.output
+    policies = {}
+    for tid in os.listdir(f"/proc/{a.pid}/task"):
+        policies[int(tid)] = (os.sched_getscheduler(int(tid)), os.sched_getparam(int(tid)))
+    rr = [t for t, (pol, prm) in policies.items() if pol == os.SCHED_RR]
+    assert len(rr) == 2, f"one SCHED_RR thread per queue: {policies}"
+    assert all(policies[t][1].sched_priority == 2 for t in rr)
+    assert policies[a.pid][0] == os.SCHED_OTHER, "the control plane's thread stays normal"
