@@ -172,6 +172,15 @@ int fp_udp_offloads(fp_ctx *cx, int udp_fd, uint32_t want);
 int fp_gso_split(const uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *out, uint32_t out_cap,
                  uint32_t *seg_lens, uint32_t max_segs);
 
+/* fp_gso_split without copying payloads (the egress pump's path): segment i is the
+ * *hdr_len bytes at hdrs + i * *hdr_len (its IPv4 and L4 headers, set as fp_gso_split sets
+ * them, checksum included) followed by the pay_len[i] bytes at buf + pay_off[i], left in
+ * place.  A GSO_NONE packet is one segment with *hdr_len = 0 and its L4 checksum completed in
+ * place in buf (hence not const).  The segments' bytes equal fp_gso_split's.  Same checks and
+ * errors as fp_gso_split; -ENOSPC when max_segs or hdrs_cap is too small. */
+int fp_gso_split_hdrs(uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *hdrs, uint32_t hdrs_cap,
+                      uint32_t *hdr_len, uint32_t *pay_off, uint32_t *pay_len, uint32_t max_segs);
+
 /* Merge pkts[0:n] (IPv4 packets, in order) for TUN writes: each run of consecutive segments of
  * one TCP flow (option-less IPv4, ACK and no SYN/FIN/RST/URG/ECE/CWR, valid checksum, same
  * addresses, ports, TOS, DF, TTL, ack, window and options, contiguous sequence numbers, all

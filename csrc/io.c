@@ -140,6 +140,36 @@ static int send_one(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len, const 
     return -1;
 }
 
+/* send_one for a datagram in niov pieces (sendmsg); 0 sent, -1 dropped. */
+static int send_one_iov(fp_ctx *cx, int fd, struct iovec *iov, uint32_t niov,
+                        struct sockaddr_in *to)
+{
+    if (niov == 1)
+        return send_one(cx, fd, iov[0].iov_base, (uint32_t)iov[0].iov_len, to);
+    struct msghdr h = { .msg_name = to, .msg_namelen = sizeof(*to), .msg_iov = iov,
+                        .msg_iovlen = niov };
+    for (int tries = 0; tries < 2; tries++) {
+        ssize_t r;
+        do {
+            cx->stats.syscalls[FP_SYS_SENDTO]++;
+            r = sendmsg(fd, &h, MSG_DONTWAIT);
+        } while (r < 0 && errno == EINTR);
+        if (r >= 0)
+            return 0;
+        if (errno != EAGAIN || tries == 1 || !wait_writable(cx, fd))
+            return -1;
+    }
+    return -1;
+}
+
+/* Datagrams queued for one send: datagram k is the dg[k].niov iovecs from iov[dg[k].iov0]
+ * (the first holds at least the IPv4 header and the L4 port word), dg[k].len bytes in all.
+ * Without vnet headers every datagram is one iovec; on the vnet path a split segment is two
+ * (its own headers in b->aux, its payload left where the TUN read put it). */
+typedef struct {
+    uint32_t iov0, niov, len;
+} dgram_t;
+
 /* Write one packet into the TUN (behind a zero virtio-net header when cx->vnet).  A packet
  * already carrying its header (vnet_included) is written as it is.  0 written, -1 refused. */
 static int tun_write(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len, int vnet_included)
@@ -164,9 +194,11 @@ static int tun_write(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len, int v
     return -1;
 }
 
-/* sendmmsg everything in msgs[0:n] (message k carries pkts[k] datagrams), retrying partial
- * sends; counts what went out and returns the datagrams that did not. */
+/* sendmmsg everything in msgs[0:n] (message k carries the pkts[k] datagrams from
+ * dg[first[k]]), retrying partial sends; counts what went out and returns the datagrams that
+ * did not. */
 static uint32_t send_batch(fp_ctx *cx, int fd, struct mmsghdr *msgs, const uint32_t *pkts,
+                           const uint32_t *first, const dgram_t *dg, struct iovec *iov,
                            uint32_t n, fp_dir_stats *st)
 {
     uint32_t done = 0, failed = 0;
@@ -202,11 +234,10 @@ static uint32_t send_batch(fp_ctx *cx, int fd, struct mmsghdr *msgs, const uint3
             if (errno == EIO)
                 cx->udp_gso = 0;
             struct msghdr *h = &msgs[done].msg_hdr;
-            for (size_t k = 0; k < h->msg_iovlen; k++) {
-                if (send_one(cx, fd, h->msg_iov[k].iov_base, (uint32_t)h->msg_iov[k].iov_len,
-                             h->msg_name) == 0) {
+            for (uint32_t k = first[done]; k < first[done] + pkts[done]; k++) {
+                if (send_one_iov(cx, fd, &iov[dg[k].iov0], dg[k].niov, h->msg_name) == 0) {
                     st->tx_packets++;
-                    st->tx_bytes += h->msg_iov[k].iov_len;
+                    st->tx_bytes += dg[k].len;
                 } else {
                     failed++;
                 }
@@ -247,26 +278,29 @@ static int same_flow(const struct iovec *a, const struct iovec *b)
 }
 
 /* Turn the nsend queued datagrams into messages: one each, or with udp_gso one per run of
- * consecutive datagrams of one inner flow to one peer, all of one size but a shorter last. */
-static uint32_t build_msgs(fp_ctx *cx, struct iovec *iov, struct sockaddr_in *to, uint32_t nsend,
-                           struct mmsghdr *msgs, uint32_t *pkts, ctrl_t *ctrl)
+ * consecutive datagrams of one inner flow to one peer, all of one size but a shorter last.
+ * Message k carries pkts[k] datagrams from dg[first[k]]. */
+static uint32_t build_msgs(fp_ctx *cx, struct iovec *iov, const dgram_t *dg,
+                           struct sockaddr_in *to, uint32_t nsend, struct mmsghdr *msgs,
+                           uint32_t *pkts, uint32_t *first, ctrl_t *ctrl)
 {
     uint32_t nmsg = 0;
     for (uint32_t i = 0; i < nsend;) {
         uint32_t j = i + 1;
-        size_t seg = iov[i].iov_len, bytes = seg;
+        size_t seg = dg[i].len, bytes = seg;
         if (cx->udp_gso) {
             while (j < nsend && j - i < FP_GSO_MAX_SEGS && same_hop(&to[j], &to[i])
-                   && same_flow(&iov[j], &iov[i]) && iov[j].iov_len <= seg && bytes + iov[j].iov_len <= UDP_MAX_PAYLOAD) {
-                bytes += iov[j].iov_len;
-                if (iov[j++].iov_len < seg)
+                   && same_flow(&iov[dg[j].iov0], &iov[dg[i].iov0]) && dg[j].len <= seg
+                   && bytes + dg[j].len <= UDP_MAX_PAYLOAD) {
+                bytes += dg[j].len;
+                if (dg[j++].len < seg)
                     break;
             }
         }
         struct msghdr *h = &msgs[nmsg].msg_hdr;
         memset(&msgs[nmsg], 0, sizeof(msgs[nmsg]));
-        h->msg_iov = &iov[i];
-        h->msg_iovlen = j - i;
+        h->msg_iov = &iov[dg[i].iov0];
+        h->msg_iovlen = dg[j - 1].iov0 + dg[j - 1].niov - dg[i].iov0;
         h->msg_name = &to[i];
         h->msg_namelen = sizeof(to[i]);
         if (j - i > 1) {
@@ -279,51 +313,115 @@ static uint32_t build_msgs(fp_ctx *cx, struct iovec *iov, struct sockaddr_in *to
             uint16_t gso = (uint16_t)seg;
             memcpy(CMSG_DATA(c), &gso, sizeof(gso));
         }
+        first[nmsg] = i;
         pkts[nmsg++] = j - i;
         i = j;
     }
     return nmsg;
 }
 
-/* Egress with vnet headers: one read per (super-)packet, split into b->aux, segments queued
- * across reads and sent together (see fastpath.h). */
+/* Queue datagram nq: niov iovecs from iov[*niov_used], len bytes, to hop. */
+static inline void queue_dgram(dgram_t *dg, struct sockaddr_in *to, uint32_t *nq,
+                               uint32_t *niov_used, uint32_t niov, uint32_t len, const fp_hop *hop)
+{
+    dg[*nq].iov0 = *niov_used;
+    dg[*nq].niov = niov;
+    dg[*nq].len = len;
+    set_addr(&to[*nq], hop->ip, hop->port);
+    *niov_used += niov;
+    (*nq)++;
+}
+
+/* Egress with vnet headers: one read per (super-)packet into the arena, one after another;
+ * queued across reads and sent together (see fastpath.h).  The common case, a TSO/USO
+ * super-packet with a route and TTL > 1, is split without copying: each segment is sent as
+ * its own headers (built in b->aux) plus its payload where the read put it.  Anything else
+ * takes the general path - fp_gso_split into b->aux, fp_egress on each segment - so drops,
+ * ICMP errors and their counters are the same either way. */
 static int tun_to_udp_vnet(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int udp_fd,
                            int budget)
 {
     fp_dir_stats *st = &cx->stats.egress;
     struct mmsghdr msgs[FP_MAX_QUEUE];
-    struct iovec iov[FP_MAX_QUEUE];
+    struct iovec iov[2 * FP_MAX_QUEUE];
+    dgram_t dg[FP_MAX_QUEUE];
     struct sockaddr_in to[FP_MAX_QUEUE];
-    uint32_t pkts[FP_MAX_QUEUE], seg_lens[FP_MAX_QUEUE];
+    uint32_t pkts[FP_MAX_QUEUE], first[FP_MAX_QUEUE], seg_lens[FP_MAX_QUEUE];
+    uint32_t pay_off[FP_MAX_QUEUE];
     ctrl_t ctrl[FP_MAX_QUEUE];
     uint8_t reply[FP_REPLY_MAX];
-    uint32_t rbuf = b->nslots * b->slot_size;
-    uint32_t used = 0, nq = 0, taken = 0;
+    const uint32_t rbuf = b->nslots * b->slot_size, frame_max = FP_VNET_HDR_LEN + IP_MAX_LEN_;
+    uint32_t used = 0, nq = 0, niov = 0, taken = 0, roff = 0;
     int total = 0, rerr = 0;
 
 #define FLUSH()                                                                          \
     do {                                                                                 \
         if (nq) {                                                                        \
-            uint32_t nmsg = build_msgs(cx, iov, to, nq, msgs, pkts, ctrl);               \
-            st->drops[FP_DROP_TX_ERROR] += send_batch(cx, udp_fd, msgs, pkts, nmsg, st);  \
+            uint32_t nmsg = build_msgs(cx, iov, dg, to, nq, msgs, pkts, first, ctrl);    \
+            st->drops[FP_DROP_TX_ERROR] +=                                               \
+                send_batch(cx, udp_fd, msgs, pkts, first, dg, iov, nmsg, st);            \
         }                                                                                \
         if (taken)                                                                       \
             count_batch(st, taken);                                                      \
-        used = nq = taken = 0;                                                           \
+        used = nq = niov = taken = roff = 0;                                             \
     } while (0)
 
     while (total < budget) {
-        /* room for one more super-packet: 64 KiB of payload plus headers of 128 segments */
-        if (b->aux_size - used < IP_MAX_LEN_ + 128 * 120 || FP_MAX_QUEUE - nq < 128)
+        /* room for one more super-packet: a read, 64 KiB of payload plus headers of 128
+         * segments in aux, 128 queue entries */
+        if (b->aux_size - used < IP_MAX_LEN_ + 128 * 120 || FP_MAX_QUEUE - nq < 128
+            || rbuf - roff < frame_max)
             FLUSH();
-        ssize_t r = tun_read(cx, tun_fd, b->arena, rbuf, &rerr);
+        const uint32_t foff = roff;
+        uint8_t *frame = b->arena + foff;
+        ssize_t r = tun_read(cx, tun_fd, frame, rbuf - foff, &rerr);
         if (r < 0)
             break;
-        int n = fp_gso_split(b->arena, (uint32_t)r, cx->mtu, b->aux + used, b->aux_size - used,
+        roff = foff + (((uint32_t)r + 7u) & ~7u); /* the frame stays put until the next FLUSH */
+        uint64_t now = now_ns();
+        const uint8_t *ip = frame + FP_VNET_HDR_LEN;
+        fp_hop hop;
+        int fast = r >= FP_VNET_HDR_LEN + 20
+                   && (frame[1] & (uint8_t)~FP_VNET_GSO_ECN) != FP_VNET_GSO_NONE
+                   && ip[IP_OFF_TTL] > 1 && (ip[0] >> 4) == 4
+                   && fp_routes_lookup(rt, rd32(ip + IP_OFF_DST), &hop) >= 0;
+        if (fast) {
+            uint32_t hl = 0;
+            frame[FP_VNET_HDR_LEN + IP_OFF_TTL]--; /* each segment's IP checksum is rebuilt */
+            int n = fp_gso_split_hdrs(frame, (uint32_t)r, cx->mtu, b->aux + used,
+                                      b->aux_size - used, &hl, pay_off, seg_lens,
+                                      FP_MAX_QUEUE - nq);
+            if (n == -ENOSPC && nq) {
+                FLUSH();
+                roff = foff + (((uint32_t)r + 7u) & ~7u);
+                n = fp_gso_split_hdrs(frame, (uint32_t)r, cx->mtu, b->aux, b->aux_size, &hl,
+                                      pay_off, seg_lens, FP_MAX_QUEUE);
+            }
+            if (n > 0) {
+                cx->stats.tso_reads++;
+                for (int k = 0; k < n; k++) {
+                    uint32_t len = hl + seg_lens[k];
+                    iov[niov].iov_base = b->aux + used;
+                    iov[niov].iov_len = hl;
+                    iov[niov + 1].iov_base = frame + pay_off[k];
+                    iov[niov + 1].iov_len = seg_lens[k];
+                    used += hl;
+                    st->rx_packets++;
+                    st->rx_bytes += len;
+                    queue_dgram(dg, to, &nq, &niov, 2, len, &hop);
+                }
+                total += n;
+                taken += (uint32_t)n;
+                continue;
+            }
+            frame[FP_VNET_HDR_LEN + IP_OFF_TTL]++; /* not split: the general path decides */
+        }
+        int n = fp_gso_split(frame, (uint32_t)r, cx->mtu, b->aux + used, b->aux_size - used,
                              seg_lens, FP_MAX_QUEUE - nq);
         if (n == -ENOSPC && nq) {
             FLUSH();
-            n = fp_gso_split(b->arena, (uint32_t)r, cx->mtu, b->aux, b->aux_size, seg_lens,
+            roff = foff + (((uint32_t)r + 7u) & ~7u);
+            n = fp_gso_split(frame, (uint32_t)r, cx->mtu, b->aux, b->aux_size, seg_lens,
                              FP_MAX_QUEUE);
         }
         if (n < 0) {
@@ -334,22 +432,19 @@ static int tun_to_udp_vnet(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun
             taken++;
             continue;
         }
-        if (b->arena[1] != FP_VNET_GSO_NONE)
+        if (frame[1] != FP_VNET_GSO_NONE)
             cx->stats.tso_reads++;
-        uint64_t now = now_ns();
         for (int k = 0; k < n; k++) {
             uint8_t *seg = b->aux + used;
             uint32_t len = seg_lens[k], rlen = 0;
-            fp_hop hop;
             used += seg_lens[k];
             st->rx_packets++;
             st->rx_bytes += len;
             int v = fp_egress(cx, rt, seg, &len, now, &hop, reply, &rlen);
             if (v == FP_FORWARD) {
-                iov[nq].iov_base = seg;
-                iov[nq].iov_len = len;
-                set_addr(&to[nq], hop.ip, hop.port);
-                nq++;
+                iov[niov].iov_base = seg;
+                iov[niov].iov_len = len;
+                queue_dgram(dg, to, &nq, &niov, 1, len, &hop);
             } else if (v == FP_REPLY && tun_write(cx, tun_fd, reply, rlen, 0) < 0) {
                 st->drops[FP_DROP_TX_ERROR]++;
             }
@@ -419,8 +514,13 @@ int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int 
                 }
             }
         } else if (nsend) {
-            uint32_t nmsg = build_msgs(cx, iov, to, nsend, msgs, pkts, ctrl);
-            st->drops[FP_DROP_TX_ERROR] += send_batch(cx, udp_fd, msgs, pkts, nmsg, st);
+            dgram_t dg[FP_MAX_BATCH];
+            uint32_t first[FP_MAX_BATCH];
+            for (uint32_t i = 0; i < nsend; i++)
+                dg[i] = (dgram_t){ .iov0 = i, .niov = 1, .len = (uint32_t)iov[i].iov_len };
+            uint32_t nmsg = build_msgs(cx, iov, dg, to, nsend, msgs, pkts, first, ctrl);
+            st->drops[FP_DROP_TX_ERROR] +=
+                send_batch(cx, udp_fd, msgs, pkts, first, dg, iov, nmsg, st);
         }
         total += (int)n;
         if (n < want || rerr)

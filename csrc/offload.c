@@ -35,102 +35,184 @@ static inline void ip_fix(uint8_t *ip, uint32_t ihl, uint32_t total, uint16_t id
     wr16(ip + IP_OFF_CSUM, (uint16_t)~csum_fold(csum_add(0, ip, ihl)));
 }
 
-/* Full L4 checksum of the segment at ip (IPv4 header of ihl bytes, l4_len bytes after it). */
-static inline void l4_fix(uint8_t *ip, uint32_t ihl, uint32_t l4_len, uint8_t proto, uint32_t off)
+/* Full L4 checksum of a segment whose IPv4 header (ihl bytes) and L4 header (l4h bytes) are
+ * at ip and whose l4 payload of pay_len bytes is at pay (right behind the header, or not). */
+static inline void l4_fix(uint8_t *ip, uint32_t ihl, uint32_t l4h, const uint8_t *pay,
+                          uint32_t pay_len, uint8_t proto, uint32_t off)
 {
     uint8_t *l4 = ip + ihl;
     wr16(l4 + off, 0);
-    uint16_t c = (uint16_t)~csum_fold(csum_add(pseudo_sum(ip, proto, l4_len), l4, l4_len));
+    uint64_t sum = csum_add(pseudo_sum(ip, proto, l4h + pay_len), l4, l4h); /* l4h is even */
+    uint16_t c = (uint16_t)~csum_fold(csum_add(sum, pay, pay_len));
     if (proto == IPPROTO_UDP_ && c == 0)
         c = 0xffff; /* RFC 768: a computed zero is sent as all ones */
     wr16(l4 + off, c);
 }
 
-int fp_gso_split(const uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *out, uint32_t out_cap,
-                 uint32_t *seg_lens, uint32_t max_segs)
+/* A super-packet read from a vnet TUN, checked and measured by parse_super. */
+typedef struct {
+    const uint8_t *pkt;  /* the IPv4 packet (behind the virtio-net header) */
+    uint32_t plen;       /* its total length */
+    uint32_t ihl, l4h, hl, gso, pay, nseg;
+    uint8_t proto, flags, gso_type;
+    uint16_t csum_start, csum_off;
+} super_t;
+
+/* Validate buf[0:len] (virtio-net header + IPv4 packet) and fill *sp; 0 or the errors of
+ * fp_gso_split (-EINVAL, -EMSGSIZE).  A GSO_NONE packet is one segment of hl = plen. */
+static int parse_super(const uint8_t *buf, uint32_t len, uint32_t mtu, super_t *sp)
 {
     if (len < FP_VNET_HDR_LEN + 20)
         return -EINVAL;
-    if (max_segs < 1)
-        return -ENOSPC;
-    uint8_t flags = buf[0], gso_type = buf[1] & (uint8_t)~FP_VNET_GSO_ECN;
-    uint32_t gso = le16(buf + 4), csum_start = le16(buf + 6), csum_off = le16(buf + 8);
-    const uint8_t *pkt = buf + FP_VNET_HDR_LEN;
+    sp->flags = buf[0];
+    sp->gso_type = buf[1] & (uint8_t)~FP_VNET_GSO_ECN;
+    sp->gso = le16(buf + 4);
+    sp->csum_start = le16(buf + 6);
+    sp->csum_off = le16(buf + 8);
+    const uint8_t *pkt = sp->pkt = buf + FP_VNET_HDR_LEN;
     uint32_t plen = len - FP_VNET_HDR_LEN;
     if ((pkt[0] >> 4) != 4)
         return -EINVAL;
     uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4, tot = rd16(pkt + IP_OFF_TOTLEN);
     if (ihl < 20 || ihl > plen || tot > plen || tot < ihl)
         return -EINVAL;
-    plen = tot; /* bytes past the IPv4 total length are not part of the packet */
-
-    if (gso_type == FP_VNET_GSO_NONE) {
-        if (plen > out_cap)
-            return -ENOSPC;
-        memcpy(out, pkt, plen);
-        if (flags & FP_VNET_F_NEEDS_CSUM) {
-            /* The field holds the pseudo-header sum; the sum from csum_start on completes it. */
-            if (csum_start < ihl || csum_start + csum_off + 2 > plen)
-                return -EINVAL;
-            uint16_t c = (uint16_t)~csum_fold(csum_add(0, out + csum_start, plen - csum_start));
-            if (c == 0 && out[IP_OFF_PROTO] == IPPROTO_UDP_)
-                c = 0xffff;
-            wr16(out + csum_start + csum_off, c);
-        }
-        seg_lens[0] = plen;
-        return 1;
+    sp->plen = plen = tot; /* bytes past the IPv4 total length are not part of the packet */
+    sp->ihl = ihl;
+    sp->proto = pkt[IP_OFF_PROTO];
+    if (sp->gso_type == FP_VNET_GSO_NONE) {
+        if ((sp->flags & FP_VNET_F_NEEDS_CSUM)
+            && (sp->csum_start < ihl || (uint32_t)sp->csum_start + sp->csum_off + 2 > plen))
+            return -EINVAL;
+        sp->l4h = 0;
+        sp->hl = plen;
+        sp->pay = 0;
+        sp->nseg = 1;
+        return 0;
     }
-
-    uint8_t proto = pkt[IP_OFF_PROTO];
-    uint32_t l4h;
-    if (gso_type == FP_VNET_GSO_TCPV4 && proto == IPPROTO_TCP_) {
+    if (sp->gso_type == FP_VNET_GSO_TCPV4 && sp->proto == IPPROTO_TCP_) {
         if (ihl + 20 > plen)
             return -EINVAL;
-        l4h = (uint32_t)(pkt[ihl + 12] >> 4) * 4;
-        if (l4h < 20)
+        sp->l4h = (uint32_t)(pkt[ihl + 12] >> 4) * 4;
+        if (sp->l4h < 20)
             return -EINVAL;
-    } else if (gso_type == FP_VNET_GSO_UDP_L4 && proto == IPPROTO_UDP_) {
-        l4h = 8;
+    } else if (sp->gso_type == FP_VNET_GSO_UDP_L4 && sp->proto == IPPROTO_UDP_) {
+        sp->l4h = 8;
     } else {
         return -EINVAL;
     }
     /* hdr_len from the kernel is not trusted (it may cover the whole first packet on the
      * forwarding path): the header length comes from the headers themselves. */
-    uint32_t hl = ihl + l4h;
-    if (hl > plen || gso == 0 || (rd16(pkt + IP_OFF_FRAG) & 0x3fff) != 0)
+    uint32_t hl = sp->hl = ihl + sp->l4h;
+    if (hl > plen || sp->gso == 0 || (rd16(pkt + IP_OFF_FRAG) & 0x3fff) != 0)
         return -EINVAL;
-    uint32_t pay = plen - hl;
-    if (hl + (pay < gso ? pay : gso) > mtu)
+    uint32_t pay = sp->pay = plen - hl;
+    if (hl + (pay < sp->gso ? pay : sp->gso) > mtu)
         return -EMSGSIZE;
-    uint32_t nseg = pay ? (pay + gso - 1) / gso : 1;
-    if (nseg > max_segs || (uint64_t)nseg * hl + pay > out_cap)
-        return -ENOSPC;
+    sp->nseg = pay ? (pay + sp->gso - 1) / sp->gso : 1;
+    return 0;
+}
 
-    uint16_t id0 = rd16(pkt + 4);
-    uint32_t seq0 = l4h == 8 ? 0 : rd32(pkt + ihl + 4);
-    uint8_t *o = out;
-    for (uint32_t i = 0; i < nseg; i++) {
-        uint32_t chunk = pay - i * gso < gso ? pay - i * gso : gso;
-        uint32_t seglen = hl + chunk;
-        memcpy(o, pkt, hl);
-        memcpy(o + hl, pkt + hl + i * gso, chunk);
-        ip_fix(o, ihl, seglen, (uint16_t)(id0 + i));
-        uint8_t *l4 = o + ihl;
-        if (proto == IPPROTO_TCP_) {
-            wr32(l4 + 4, seq0 + i * gso);
-            if (i != nseg - 1)
-                l4[13] &= (uint8_t)~(TCP_FIN | TCP_PSH);
-            if (i != 0)
-                l4[13] &= (uint8_t)~TCP_CWR;
-            l4_fix(o, ihl, l4h + chunk, IPPROTO_TCP_, 16);
-        } else {
-            wr16(l4 + 4, (uint16_t)(8 + chunk));
-            l4_fix(o, ihl, 8 + chunk, IPPROTO_UDP_, 6);
-        }
-        seg_lens[i] = seglen;
-        o += seglen;
+/* Segment i's headers, written at o (sp->hl bytes): the super-packet's, with IP length, id
+ * and checksum, TCP sequence number and flags or UDP length set, and the full L4 checksum
+ * taken over these headers and the payload at pay (chunk bytes). */
+static void seg_headers(uint8_t *o, const super_t *sp, uint32_t i, const uint8_t *pay,
+                        uint32_t chunk)
+{
+    uint32_t ihl = sp->ihl;
+    memcpy(o, sp->pkt, sp->hl);
+    ip_fix(o, ihl, sp->hl + chunk, (uint16_t)(rd16(sp->pkt + 4) + i));
+    uint8_t *l4 = o + ihl;
+    if (sp->proto == IPPROTO_TCP_) {
+        wr32(l4 + 4, rd32(sp->pkt + ihl + 4) + i * sp->gso);
+        if (i != sp->nseg - 1)
+            l4[13] &= (uint8_t)~(TCP_FIN | TCP_PSH);
+        if (i != 0)
+            l4[13] &= (uint8_t)~TCP_CWR;
+        l4_fix(o, ihl, sp->l4h, pay, chunk, IPPROTO_TCP_, 16);
+    } else {
+        wr16(l4 + 4, (uint16_t)(8 + chunk));
+        l4_fix(o, ihl, 8, pay, chunk, IPPROTO_UDP_, 6);
     }
-    return (int)nseg;
+}
+
+/* The L4 checksum of a GSO_NONE packet with NEEDS_CSUM, completed in place at p: the field
+ * holds the pseudo-header sum, the sum from csum_start on completes it. */
+static void complete_csum(uint8_t *p, const super_t *sp)
+{
+    if (!(sp->flags & FP_VNET_F_NEEDS_CSUM))
+        return;
+    uint16_t c = (uint16_t)~csum_fold(csum_add(0, p + sp->csum_start, sp->plen - sp->csum_start));
+    if (c == 0 && p[IP_OFF_PROTO] == IPPROTO_UDP_)
+        c = 0xffff;
+    wr16(p + sp->csum_start + sp->csum_off, c);
+}
+
+static inline uint32_t chunk_of(const super_t *sp, uint32_t i)
+{
+    uint32_t left = sp->pay - i * sp->gso;
+    return left < sp->gso ? left : sp->gso;
+}
+
+int fp_gso_split(const uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *out, uint32_t out_cap,
+                 uint32_t *seg_lens, uint32_t max_segs)
+{
+    super_t sp;
+    if (len < FP_VNET_HDR_LEN + 20)
+        return -EINVAL;
+    if (max_segs < 1)
+        return -ENOSPC;
+    int err = parse_super(buf, len, mtu, &sp);
+    if (err)
+        return err;
+    if (sp.nseg > max_segs || (uint64_t)sp.nseg * sp.hl + sp.pay > out_cap)
+        return -ENOSPC;
+    if (sp.gso_type == FP_VNET_GSO_NONE) {
+        memcpy(out, sp.pkt, sp.plen);
+        complete_csum(out, &sp);
+        seg_lens[0] = sp.plen;
+        return 1;
+    }
+    uint8_t *o = out;
+    for (uint32_t i = 0; i < sp.nseg; i++) {
+        uint32_t chunk = chunk_of(&sp, i);
+        memcpy(o + sp.hl, sp.pkt + sp.hl + i * sp.gso, chunk);
+        seg_headers(o, &sp, i, o + sp.hl, chunk);
+        seg_lens[i] = sp.hl + chunk;
+        o += seg_lens[i];
+    }
+    return (int)sp.nseg;
+}
+
+int fp_gso_split_hdrs(uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *hdrs, uint32_t hdrs_cap,
+                      uint32_t *hdr_len, uint32_t *pay_off, uint32_t *pay_len, uint32_t max_segs)
+{
+    super_t sp;
+    if (len < FP_VNET_HDR_LEN + 20)
+        return -EINVAL;
+    if (max_segs < 1)
+        return -ENOSPC;
+    int err = parse_super(buf, len, mtu, &sp);
+    if (err)
+        return err;
+    if (sp.nseg > max_segs)
+        return -ENOSPC;
+    if (sp.gso_type == FP_VNET_GSO_NONE) {
+        complete_csum(buf + FP_VNET_HDR_LEN, &sp);
+        *hdr_len = 0;
+        pay_off[0] = FP_VNET_HDR_LEN;
+        pay_len[0] = sp.plen;
+        return 1;
+    }
+    if ((uint64_t)sp.nseg * sp.hl > hdrs_cap)
+        return -ENOSPC;
+    *hdr_len = sp.hl;
+    for (uint32_t i = 0; i < sp.nseg; i++) {
+        uint32_t chunk = chunk_of(&sp, i), off = FP_VNET_HDR_LEN + sp.hl + i * sp.gso;
+        seg_headers(hdrs + (size_t)i * sp.hl, &sp, i, buf + off, chunk);
+        pay_off[i] = off;
+        pay_len[i] = chunk;
+    }
+    return (int)sp.nseg;
 }
 
 /* A TCP segment that may take part in coalescing: option-less IPv4, not a fragment, data,

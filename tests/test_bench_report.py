@@ -229,9 +229,7 @@ def test_explain_walks_the_ladder_with_this_runs_numbers() -> None:
     doc = synthetic_doc()
     fig = {r["name"]: r["figures"] for r in doc["rungs"]}
     mq, rt = fig["multiqueue"], fig["multiqueue-rt"]
-    assert (
-        f"4-stream TCP {fig['batched']['tcp4_gbps']:.2f} -> {mq['tcp4_gbps']:.2f} Gbit/s" in text
-    )
+    assert f"4-stream TCP {fig['batched']['tcp4_gbps']:.2f} -> {mq['tcp4_gbps']:.2f} Gbit/s" in text
     assert "SCHED_RR" in text
     assert f"p99 {mq['rtt_loaded_p99_ms']:.2f} -> {rt['rtt_loaded_p99_ms']:.2f} ms" in text
     # other numbers, other text: nothing canned

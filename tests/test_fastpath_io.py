@@ -718,6 +718,35 @@ def test_vnet_plain_frames_and_checksum_completion(make_rig):
     assert s["tso_reads"] == 0 and s["egress"]["tx_packets"] == 2
 
 
+def test_vnet_mixed_frames_in_one_round_keep_their_bytes(make_rig):
+    # Split segments point at their payload where the read put it: frames read one after
+    # another in one round must not overwrite each other before the send.
+    rig = vnet_rig(make_rig, batch=8, offload=True)
+    d1, d2 = payload(9000, seed=11), payload(5000, seed=12)
+    plain = ipv4_udp(SRC, DST, b"between two super-packets")
+    rig.to_tun(tso_to(DST, d1), vnet() + plain, tso_to(DST, d2, seq=90000))
+    want = [*tso_segments(DST, d1), plain, *tso_segments(DST, d2, seq=90000)]
+    assert rig.pump.tun_to_udp(100) == len(want)
+    assert [d for d, _ in rig.peer_in(len(want))] == [forwarded(p) for p in want]
+
+
+@pytest.mark.parametrize("case", ["ttl1", "unrouted"])
+def test_vnet_super_packet_that_cannot_go_counts_every_segment(make_rig, case):
+    # Not the zero-copy path: the general one decides each segment as a packet of its own.
+    rig = vnet_rig(make_rig)
+    data = payload(3 * VNET_MSS, seed=13)
+    dst, ttl = (DST, 1) if case == "ttl1" else (UNROUTED, 64)
+    rig.to_tun(tso_to(dst, data, ttl=ttl))
+    assert rig.pump.tun_to_udp(100) == 3
+    rig.peer_in(0)
+    s = rig.cx.stats()
+    reason = "ttl_exceeded" if case == "ttl1" else "no_route"
+    assert s["egress"]["drops"][reason] == 3 and s["egress"]["tx_packets"] == 0
+    replies = rig.tun_out()
+    assert len(replies) == 3 and all(r[:10] == bytes(10) for r in replies)
+    assert s["icmp_time_exceeded" if case == "ttl1" else "icmp_unreachable"] == 3
+
+
 def test_vnet_egress_icmp_reply_has_a_header(make_rig):
     rig = vnet_rig(make_rig)
     pkt = ipv4_udp(SRC, DST, b"ttl", ttl=1)

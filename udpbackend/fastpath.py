@@ -205,6 +205,29 @@ def gso_split(buf: bytes | bytearray, mtu: int, max_segs: int = 1024) -> list[by
     return segs
 
 
+def gso_split_hdrs(buf: bytes | bytearray, mtu: int, max_segs: int = 1024) -> list[bytes]:
+    """fp_gso_split_hdrs (the pump's zero-copy split), each segment's headers and payload
+    joined: the same bytes and errors as gso_split."""
+    frame = bytearray(buf)  # a GSO_NONE packet has its checksum completed in place
+    src = ffi.from_buffer(frame, require_writable=True)
+    hdrs = ffi.new("uint8_t[]", max(max_segs, 1) * 120)
+    hdr_len = ffi.new("uint32_t *")
+    off = ffi.new("uint32_t[]", max(max_segs, 1))
+    lens = ffi.new("uint32_t[]", max(max_segs, 1))
+    n = lib.fp_gso_split_hdrs(
+        src, len(frame), mtu, hdrs, max(max_segs, 1) * 120, hdr_len, off, lens, max_segs
+    )
+    if n < 0:
+        raise {-errno.EINVAL: ValueError, -errno.EMSGSIZE: OverflowError}.get(n, MemoryError)(
+            os.strerror(-n)
+        )
+    hl = hdr_len[0]
+    return [
+        bytes(ffi.buffer(hdrs + i * hl, hl)) + bytes(frame[off[i] : off[i] + lens[i]])
+        for i in range(n)
+    ]
+
+
 def gro_coalesce(pkts: list[bytes]) -> list[tuple[bytes, int]]:
     """fp_gro_coalesce: IPv4 packets -> TUN writes (virtio-net header + packet), each with the
     number of input packets it carries."""
