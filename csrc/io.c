@@ -122,15 +122,21 @@ static ssize_t tun_read(fp_ctx *cx, int fd, uint8_t *buf, uint32_t size, int *er
     }
 }
 
-/* Send one datagram with sendto; a full socket gets one wait of up to SEND_WAIT_MS and one
- * retry.  0 sent, -1 dropped. */
-static int send_one(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len, const struct sockaddr_in *to)
+/* Send one datagram of niov pieces (sendto for one, as flannel's loop does; sendmsg for
+ * more); a full socket gets one wait of up to SEND_WAIT_MS and one retry.  0 sent, -1
+ * dropped. */
+static int send_one_iov(fp_ctx *cx, int fd, struct iovec *iov, uint32_t niov,
+                        const struct sockaddr_in *to)
 {
+    struct msghdr h = { .msg_name = (void *)to, .msg_namelen = sizeof(*to), .msg_iov = iov,
+                        .msg_iovlen = niov };
     for (int tries = 0; tries < 2; tries++) {
         ssize_t r;
         do {
             cx->stats.syscalls[FP_SYS_SENDTO]++;
-            r = sendto(fd, buf, len, MSG_DONTWAIT, (const struct sockaddr *)to, sizeof(*to));
+            r = niov == 1 ? sendto(fd, iov[0].iov_base, iov[0].iov_len, MSG_DONTWAIT,
+                                   (const struct sockaddr *)to, sizeof(*to))
+                          : sendmsg(fd, &h, MSG_DONTWAIT);
         } while (r < 0 && errno == EINTR);
         if (r >= 0)
             return 0;
@@ -140,26 +146,10 @@ static int send_one(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len, const 
     return -1;
 }
 
-/* send_one for a datagram in niov pieces (sendmsg); 0 sent, -1 dropped. */
-static int send_one_iov(fp_ctx *cx, int fd, struct iovec *iov, uint32_t niov,
-                        struct sockaddr_in *to)
+static int send_one(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len, const struct sockaddr_in *to)
 {
-    if (niov == 1)
-        return send_one(cx, fd, iov[0].iov_base, (uint32_t)iov[0].iov_len, to);
-    struct msghdr h = { .msg_name = to, .msg_namelen = sizeof(*to), .msg_iov = iov,
-                        .msg_iovlen = niov };
-    for (int tries = 0; tries < 2; tries++) {
-        ssize_t r;
-        do {
-            cx->stats.syscalls[FP_SYS_SENDTO]++;
-            r = sendmsg(fd, &h, MSG_DONTWAIT);
-        } while (r < 0 && errno == EINTR);
-        if (r >= 0)
-            return 0;
-        if (errno != EAGAIN || tries == 1 || !wait_writable(cx, fd))
-            return -1;
-    }
-    return -1;
+    struct iovec v = { .iov_base = (void *)buf, .iov_len = len };
+    return send_one_iov(cx, fd, &v, 1, to);
 }
 
 /* Datagrams queued for one send: datagram k is the dg[k].niov iovecs from iov[dg[k].iov0]

@@ -153,18 +153,28 @@ static inline uint32_t chunk_of(const super_t *sp, uint32_t i)
     return left < sp->gso ? left : sp->gso;
 }
 
-int fp_gso_split(const uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *out, uint32_t out_cap,
-                 uint32_t *seg_lens, uint32_t max_segs)
+/* The checks both splits start with, in fp_gso_split's documented order. */
+static int split_prologue(const uint8_t *buf, uint32_t len, uint32_t mtu, uint32_t max_segs,
+                          super_t *sp)
 {
-    super_t sp;
     if (len < FP_VNET_HDR_LEN + 20)
         return -EINVAL;
     if (max_segs < 1)
         return -ENOSPC;
-    int err = parse_super(buf, len, mtu, &sp);
+    int err = parse_super(buf, len, mtu, sp);
     if (err)
         return err;
-    if (sp.nseg > max_segs || (uint64_t)sp.nseg * sp.hl + sp.pay > out_cap)
+    return sp->nseg > max_segs ? -ENOSPC : 0;
+}
+
+int fp_gso_split(const uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *out, uint32_t out_cap,
+                 uint32_t *seg_lens, uint32_t max_segs)
+{
+    super_t sp;
+    int err = split_prologue(buf, len, mtu, max_segs, &sp);
+    if (err)
+        return err;
+    if ((uint64_t)sp.nseg * sp.hl + sp.pay > out_cap)
         return -ENOSPC;
     if (sp.gso_type == FP_VNET_GSO_NONE) {
         memcpy(out, sp.pkt, sp.plen);
@@ -187,15 +197,9 @@ int fp_gso_split_hdrs(uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *hdrs, u
                       uint32_t *hdr_len, uint32_t *pay_off, uint32_t *pay_len, uint32_t max_segs)
 {
     super_t sp;
-    if (len < FP_VNET_HDR_LEN + 20)
-        return -EINVAL;
-    if (max_segs < 1)
-        return -ENOSPC;
-    int err = parse_super(buf, len, mtu, &sp);
+    int err = split_prologue(buf, len, mtu, max_segs, &sp);
     if (err)
         return err;
-    if (sp.nseg > max_segs)
-        return -ENOSPC;
     if (sp.gso_type == FP_VNET_GSO_NONE) {
         complete_csum(buf + FP_VNET_HDR_LEN, &sp);
         *hdr_len = 0;
