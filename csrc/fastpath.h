@@ -112,8 +112,9 @@ typedef struct {
     uint8_t *arena;
     uint32_t slot_size;
     uint32_t nslots;
-    uint8_t *aux;                /* vnet only, caller-owned, >= FP_AUX_MIN bytes: egress puts split
-                                  * segments here, ingress merged super-packets */
+    uint8_t *aux;                /* vnet only, caller-owned, >= FP_AUX_MIN bytes: egress puts the
+                                  * headers of split segments here (whole segments on the general
+                                  * path), ingress the headers of merged runs */
     uint32_t aux_size;
 } fp_batch;
 
@@ -193,6 +194,24 @@ int fp_gso_split_hdrs(uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *hdrs, u
 int fp_gro_coalesce(uint8_t **pkts, const uint32_t *lens, uint32_t n, uint8_t *out,
                     uint32_t out_cap, uint32_t *out_lens, uint32_t *out_segs, uint32_t max_out);
 
+/* A piece of a TUN write: len bytes at base, in memory the caller owns. */
+typedef struct {
+    const uint8_t *base;
+    uint32_t len;
+} fp_span;
+
+/* fp_gro_coalesce without copying payloads (the ingress pump's path): output i is the
+ * out_nspans[i] spans from spans[out_span0[i]], written with one writev: a header block in
+ * hdrs (the virtio-net header, and for a merged run the run's IPv4 and TCP headers as
+ * fp_gro_coalesce sets them), then the packets' bytes where they lie (a merged run's
+ * payloads only).  Joined, output i is byte for byte fp_gro_coalesce's output i, carrying
+ * out_segs[i] input packets.  Returns the number of outputs or -ENOSPC (hdrs_cap, max_spans
+ * or max_out too small; n + max_out spans and 130 header bytes per output always suffice). */
+int fp_gro_coalesce_spans(uint8_t **pkts, const uint32_t *lens, uint32_t n, uint8_t *hdrs,
+                          uint32_t hdrs_cap, fp_span *spans, uint32_t max_spans,
+                          uint32_t *out_span0, uint32_t *out_nspans, uint32_t *out_segs,
+                          uint32_t max_out);
+
 /* Internet checksum (RFC 1071) of buf[0:len], folded and complemented: 0 over a valid header. */
 uint16_t fp_checksum(const uint8_t *buf, uint32_t len);
 
@@ -234,16 +253,20 @@ int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
  *      datagrams and 65507 bytes); a run the kernel refuses is sent again datagram by
  *      datagram.  A socket that stays full after one wait of 5 ms and one retry, or refuses a
  *      datagram, costs a FP_DROP_TX_ERROR per datagram.
- *   With cx->vnet, step 1 reads one (super-)packet per read and fp_gso_split cuts it into
- *   b->aux; segments are queued (up to FP_MAX_QUEUE) across reads before step 3.  The budget
- *   counts segments and a super-packet is taken whole, so the last read may pass it by up to
- *   its own segments.
+ *   With cx->vnet, step 1 reads one (super-)packet per read, one after another into the
+ *   arena, and cuts it: a TSO/USO super-packet with a route and TTL > 1 by fp_gso_split_hdrs
+ *   (headers into b->aux, each segment sent as headers + payload in place, TTL decremented
+ *   once for all), anything else by fp_gso_split into b->aux and fp_egress per segment;
+ *   segments are queued (up to FP_MAX_QUEUE) across reads before step 3.  The budget counts
+ *   segments and a super-packet is taken whole, so the last read may pass it by up to its
+ *   own segments.
  * fp_udp_to_tun (ingress), one round:
  *   1. one recvmmsg of up to nslots datagrams (per_packet: one recvfrom); with udp_gro a
  *      message may hold several datagrams of the size the kernel reports, split here;
  *   2. fp_ingress on each: FORWARD -> one write into tun_fd each; REPLY (time exceeded) ->
  *      sendto the datagram's source address.  With cx->vnet the forwarded packets of the
- *      round go through fp_gro_coalesce into b->aux first: one write per merged run. */
+ *      round go through fp_gro_coalesce_spans (headers into b->aux, payloads left in the
+ *      arena): one writev per merged run. */
 int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int udp_fd, int budget);
 int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget);
 

@@ -160,6 +160,24 @@ typedef struct {
     uint32_t iov0, niov, len;
 } dgram_t;
 
+/* One counted writev into the TUN; a full queue gets one wait of up to SEND_WAIT_MS and one
+ * retry.  0 written, -1 refused. */
+static int tun_writev(fp_ctx *cx, int fd, const struct iovec *v, int nv)
+{
+    for (int tries = 0; tries < 2; tries++) {
+        ssize_t r;
+        do {
+            cx->stats.syscalls[FP_SYS_WRITE]++;
+            r = nv == 1 ? write(fd, v[0].iov_base, v[0].iov_len) : writev(fd, v, nv);
+        } while (r < 0 && errno == EINTR);
+        if (r >= 0)
+            return 0;
+        if (errno != EAGAIN || tries == 1 || !wait_writable(cx, fd))
+            return -1;
+    }
+    return -1;
+}
+
 /* Write one packet into the TUN (behind a zero virtio-net header when cx->vnet).  A packet
  * already carrying its header (vnet_included) is written as it is.  0 written, -1 refused. */
 static int tun_write(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len, int vnet_included)
@@ -170,18 +188,7 @@ static int tun_write(fp_ctx *cx, int fd, const uint8_t *buf, uint32_t len, int v
         { .iov_base = (void *)buf, .iov_len = len },
     };
     int with_hdr = cx->vnet && !vnet_included;
-    for (int tries = 0; tries < 2; tries++) {
-        ssize_t r;
-        do {
-            cx->stats.syscalls[FP_SYS_WRITE]++;
-            r = with_hdr ? writev(fd, v, 2) : write(fd, buf, len);
-        } while (r < 0 && errno == EINTR);
-        if (r >= 0)
-            return 0;
-        if (errno != EAGAIN || tries == 1 || !wait_writable(cx, fd))
-            return -1;
-    }
-    return -1;
+    return tun_writev(cx, fd, with_hdr ? v : v + 1, with_hdr ? 2 : 1);
 }
 
 /* sendmmsg everything in msgs[0:n] (message k carries the pkts[k] datagrams from
@@ -524,37 +531,43 @@ typedef struct {
     uint8_t *p[FP_MAX_QUEUE];
     uint32_t len[FP_MAX_QUEUE];
     uint32_t n;
-    uint32_t bytes;
 } gro_queue;
 
-/* Merge the queued packets and write them into the TUN, one write per run. */
+/* Merge the queued packets and write them into the TUN, one writev per run: the run's headers
+ * from b->aux, the payloads where recvmmsg put them (fp_gro_coalesce_spans). */
 static void gro_flush(fp_ctx *cx, fp_dir_stats *st, gro_queue *q, fp_batch *b, int tun_fd)
 {
-    uint32_t out_lens[FP_MAX_QUEUE], out_segs[FP_MAX_QUEUE];
+    uint32_t span0[FP_MAX_QUEUE], nspans[FP_MAX_QUEUE], out_segs[FP_MAX_QUEUE];
+    fp_span spans[2 * FP_MAX_QUEUE];
+    struct iovec v[1 + FP_GSO_MAX_SEGS];
     if (!q->n)
         return;
-    int m = fp_gro_coalesce(q->p, q->len, q->n, b->aux, b->aux_size, out_lens, out_segs,
-                            FP_MAX_QUEUE);
-    if (m < 0) { /* cannot happen: the queue is flushed before it outgrows aux */
+    int m = fp_gro_coalesce_spans(q->p, q->len, q->n, b->aux, b->aux_size, spans,
+                                  2 * FP_MAX_QUEUE, span0, nspans, out_segs, FP_MAX_QUEUE);
+    if (m < 0) { /* cannot happen: at most FP_MAX_QUEUE packets, aux >= FP_AUX_MIN */
         st->drops[FP_DROP_TX_ERROR] += q->n;
-        q->n = q->bytes = 0;
+        q->n = 0;
         return;
     }
-    uint8_t *o = b->aux;
     for (int k = 0; k < m; k++) {
-        if (tun_write(cx, tun_fd, o, out_lens[k], 1) == 0) {
+        uint64_t bytes = 0;
+        for (uint32_t x = 0; x < nspans[k]; x++) {
+            v[x].iov_base = (void *)spans[span0[k] + x].base;
+            v[x].iov_len = spans[span0[k] + x].len;
+            bytes += spans[span0[k] + x].len;
+        }
+        if (tun_writev(cx, tun_fd, v, (int)nspans[k]) == 0) {
             st->tx_packets += out_segs[k];
             /* what the segments carried: the merged length plus the repeated headers */
-            st->tx_bytes += out_lens[k] - FP_VNET_HDR_LEN
-                            + (uint64_t)(out_segs[k] - 1) * le16_hdr_len(o);
+            st->tx_bytes += bytes - FP_VNET_HDR_LEN
+                            + (uint64_t)(out_segs[k] - 1) * le16_hdr_len(v[0].iov_base);
             if (out_segs[k] > 1)
                 cx->stats.tun_gro_writes++;
         } else {
             st->drops[FP_DROP_TX_ERROR] += out_segs[k];
         }
-        o += out_lens[k];
     }
-    q->n = q->bytes = 0;
+    q->n = 0;
 }
 
 /* One datagram received over UDP: decide, then into the TUN (or the merge queue) or a reply
@@ -569,11 +582,10 @@ static void ingress_one(fp_ctx *cx, fp_dir_stats *st, uint8_t *pkt, uint32_t len
     st->rx_bytes += len;
     int v = fp_ingress(cx, pkt, &len, now, reply, &rlen);
     if (v == FP_FORWARD && q) {
-        if (q->n == FP_MAX_QUEUE || q->bytes + (q->n + 1) * FP_VNET_HDR_LEN + len > b->aux_size)
+        if (q->n == FP_MAX_QUEUE) /* aux holds only headers: at most 130 bytes a packet */
             gro_flush(cx, st, q, b, tun_fd);
         q->p[q->n] = pkt;
         q->len[q->n++] = len;
-        q->bytes += len;
     } else if (v == FP_FORWARD) {
         if (tun_write(cx, tun_fd, pkt, len, 0) == 0) {
             st->tx_packets++;
@@ -614,7 +626,7 @@ int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget)
     gro_queue gq_store, *gq = NULL;
     if (cx->vnet && !cx->per_packet) {
         gq = &gq_store;
-        gq->n = gq->bytes = 0;
+        gq->n = 0;
     }
 
     while (total < budget) {

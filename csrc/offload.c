@@ -261,48 +261,97 @@ static int gro_follows(const uint8_t *first, const uint8_t *prev, uint32_t prev_
     return rd32(ct + 4) == rd32(pt + 4) + gso;
 }
 
+/* The run of segments that may merge starting at pkts[i]: returns j (the run is pkts[i:j])
+ * and sets *thl (TCP header length, 0 when pkts[i] merges with nothing), *gso and *total (the
+ * merged packet's length). */
+static uint32_t gro_run(uint8_t **pkts, const uint32_t *lens, uint32_t n, uint32_t i,
+                        uint32_t *thl, uint32_t *gso, uint32_t *total)
+{
+    uint32_t j = i + 1, t = gro_candidate(pkts[i], lens[i]);
+    uint32_t g = t ? lens[i] - 20 - t : 0, tot = lens[i];
+    while (t && j < n && j - i < FP_GSO_MAX_SEGS && gro_candidate(pkts[j], lens[j]) == t
+           && tot + lens[j] - 20 - t <= IP_MAX_LEN
+           && gro_follows(pkts[i], pkts[j - 1], lens[j - 1], pkts[j], lens[j], t, g)) {
+        tot += lens[j] - 20 - t;
+        j++;
+    }
+    *thl = t;
+    *gso = g;
+    *total = tot;
+    return j;
+}
+
+/* What a TUN write of pkts[i:j] starts with, written at v: the virtio-net header (zero for
+ * a lone packet), and for a merged run the merged packet's IPv4 and TCP headers (IP length,
+ * checksum, PSH of the last segment, the pseudo-header sum for CHECKSUM_PARTIAL).  Returns
+ * the bytes written; the payloads follow. */
+static uint32_t gro_head(uint8_t *v, uint8_t **pkts, uint32_t i, uint32_t j, uint32_t thl,
+                         uint32_t gso, uint32_t total)
+{
+    memset(v, 0, FP_VNET_HDR_LEN);
+    if (j - i == 1)
+        return FP_VNET_HDR_LEN;
+    uint32_t hl = 20 + thl;
+    uint8_t *p = v + FP_VNET_HDR_LEN;
+    v[0] = FP_VNET_F_NEEDS_CSUM;
+    v[1] = FP_VNET_GSO_TCPV4;
+    wle16(v + 2, (uint16_t)hl);
+    wle16(v + 4, (uint16_t)gso);
+    wle16(v + 6, 20);
+    wle16(v + 8, 16);
+    memcpy(p, pkts[i], hl);
+    p[20 + 13] |= pkts[j - 1][20 + 13] & TCP_PSH;
+    ip_fix(p, 20, total, rd16(pkts[i] + 4));
+    /* CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum; the kernel completes it
+     * from csum_start (RFC 1071 linearity). */
+    wr16(p + 20 + 16, csum_fold(pseudo_sum(p, IPPROTO_TCP_, total - 20)));
+    return FP_VNET_HDR_LEN + hl;
+}
+
 int fp_gro_coalesce(uint8_t **pkts, const uint32_t *lens, uint32_t n, uint8_t *out,
                     uint32_t out_cap, uint32_t *out_lens, uint32_t *out_segs, uint32_t max_out)
 {
     uint32_t m = 0, used = 0, i = 0;
     while (i < n) {
-        uint32_t j = i + 1, thl = gro_candidate(pkts[i], lens[i]);
-        uint32_t gso = thl ? lens[i] - 20 - thl : 0, total = lens[i];
-        while (thl && j < n && j - i < FP_GSO_MAX_SEGS && gro_candidate(pkts[j], lens[j]) == thl
-               && total + lens[j] - 20 - thl <= IP_MAX_LEN
-               && gro_follows(pkts[i], pkts[j - 1], lens[j - 1], pkts[j], lens[j], thl, gso)) {
-            total += lens[j] - 20 - thl;
-            j++;
-        }
+        uint32_t thl, gso, total, j = gro_run(pkts, lens, n, i, &thl, &gso, &total);
         if (m >= max_out || used + FP_VNET_HDR_LEN + total > out_cap)
             return -ENOSPC;
-        uint8_t *v = out + used, *p = v + FP_VNET_HDR_LEN;
-        memset(v, 0, FP_VNET_HDR_LEN);
-        if (j - i == 1) {
-            memcpy(p, pkts[i], lens[i]);
-        } else {
-            uint32_t hl = 20 + thl;
-            v[0] = FP_VNET_F_NEEDS_CSUM;
-            v[1] = FP_VNET_GSO_TCPV4;
-            wle16(v + 2, (uint16_t)hl);
-            wle16(v + 4, (uint16_t)gso);
-            wle16(v + 6, 20);
-            wle16(v + 8, 16);
-            memcpy(p, pkts[i], hl);
-            uint32_t at = hl;
-            for (uint32_t k = i; k < j; k++) {
-                memcpy(p + at, pkts[k] + hl, lens[k] - hl);
-                at += lens[k] - hl;
-            }
-            p[20 + 13] |= pkts[j - 1][20 + 13] & TCP_PSH;
-            ip_fix(p, 20, total, rd16(pkts[i] + 4));
-            /* CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum; the kernel
-             * completes it from csum_start (RFC 1071 linearity). */
-            wr16(p + 20 + 16, csum_fold(pseudo_sum(p, IPPROTO_TCP_, total - 20)));
+        uint8_t *o = out + used;
+        uint32_t at = gro_head(o, pkts, i, j, thl, gso, total);
+        uint32_t skip = j - i == 1 ? 0 : 20 + thl; /* a lone packet goes whole */
+        for (uint32_t k = i; k < j; k++) {
+            memcpy(o + at, pkts[k] + skip, lens[k] - skip);
+            at += lens[k] - skip;
         }
-        out_lens[m] = FP_VNET_HDR_LEN + total;
+        out_lens[m] = at;
         out_segs[m] = j - i;
-        used += FP_VNET_HDR_LEN + total;
+        used += at;
+        m++;
+        i = j;
+    }
+    return (int)m;
+}
+
+int fp_gro_coalesce_spans(uint8_t **pkts, const uint32_t *lens, uint32_t n, uint8_t *hdrs,
+                          uint32_t hdrs_cap, fp_span *spans, uint32_t max_spans,
+                          uint32_t *out_span0, uint32_t *out_nspans, uint32_t *out_segs,
+                          uint32_t max_out)
+{
+    uint32_t m = 0, used = 0, ns = 0, i = 0;
+    while (i < n) {
+        uint32_t thl, gso, total, j = gro_run(pkts, lens, n, i, &thl, &gso, &total);
+        if (m >= max_out || used + FP_VNET_HDR_LEN + 20 + thl > hdrs_cap
+            || ns + 1 + (j - i) > max_spans)
+            return -ENOSPC;
+        uint32_t head = gro_head(hdrs + used, pkts, i, j, thl, gso, total);
+        uint32_t skip = j - i == 1 ? 0 : 20 + thl;
+        out_span0[m] = ns;
+        spans[ns++] = (fp_span){ .base = hdrs + used, .len = head };
+        for (uint32_t k = i; k < j; k++)
+            spans[ns++] = (fp_span){ .base = pkts[k] + skip, .len = lens[k] - skip };
+        out_nspans[m] = 1 + (j - i);
+        out_segs[m] = j - i;
+        used += head;
         m++;
         i = j;
     }
