@@ -374,7 +374,10 @@ static int tun_to_udp_vnet(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun
         ssize_t r = tun_read(cx, tun_fd, frame, rbuf - foff, &rerr);
         if (r < 0)
             break;
-        roff = foff + (((uint32_t)r + 7u) & ~7u); /* the frame stays put until the next FLUSH */
+        /* The frame stays put until the next FLUSH; one that comes while the frame is being
+         * cut (its segments did not fit) sends the queue and keeps the frame's room. */
+        const uint32_t fend = foff + (((uint32_t)r + 7u) & ~7u);
+        roff = fend;
         uint64_t now = now_ns();
         const uint8_t *ip = frame + FP_VNET_HDR_LEN;
         fp_hop hop;
@@ -390,7 +393,7 @@ static int tun_to_udp_vnet(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun
                                       FP_MAX_QUEUE - nq);
             if (n == -ENOSPC && nq) {
                 FLUSH();
-                roff = foff + (((uint32_t)r + 7u) & ~7u);
+                roff = fend;
                 n = fp_gso_split_hdrs(frame, (uint32_t)r, cx->mtu, b->aux, b->aux_size, &hl,
                                       pay_off, seg_lens, FP_MAX_QUEUE);
             }
@@ -417,7 +420,7 @@ static int tun_to_udp_vnet(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun
                              seg_lens, FP_MAX_QUEUE - nq);
         if (n == -ENOSPC && nq) {
             FLUSH();
-            roff = foff + (((uint32_t)r + 7u) & ~7u);
+            roff = fend;
             n = fp_gso_split(frame, (uint32_t)r, cx->mtu, b->aux, b->aux_size, seg_lens,
                              FP_MAX_QUEUE);
         }

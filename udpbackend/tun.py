@@ -9,6 +9,7 @@ import fcntl
 import ipaddress
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -54,8 +55,7 @@ class Tun:
     def close(self) -> None:
         """Close the fds; the device is not persistent, so the kernel removes it and its route
         with the last one."""
-        for fd in self.fds:
-            os.close(fd)
+        _close_all(self.fds)
         self.fds = ()
 
 
@@ -82,6 +82,11 @@ def open_tun(name: str, vnet: bool = False, multi_queue: bool = False) -> tuple[
     return fd, ifr[:IFNAMSIZ].rstrip(b"\0").decode()
 
 
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 def open_queues(name: str, queues: int, vnet: bool) -> tuple[list[int], str]:
     """``queues`` fds of one TUN (IFF_MULTI_QUEUE when more than one); all or none."""
     fd, real = open_tun(name, vnet=vnet, multi_queue=queues > 1)
@@ -90,8 +95,7 @@ def open_queues(name: str, queues: int, vnet: bool) -> tuple[list[int], str]:
         for _ in range(queues - 1):
             fds.append(open_tun(real, vnet=vnet, multi_queue=True)[0])
     except BaseException:
-        for f in fds:
-            os.close(f)
+        _close_all(fds)
         raise
     return fds, real
 
@@ -148,8 +152,7 @@ def create_tun(
     if offload:
         offloads = set_offloads(fds[0])
         if not offloads:  # a vnet TUN without offloads only costs: start again without
-            for fd in fds:
-                os.close(fd)
+            _close_all(fds)
             fds, real = open_queues(name, queues, vnet=False)
     try:
         with IPRoute() as ipr:
@@ -164,11 +167,9 @@ def create_tun(
                 if e.code != 17:  # EEXIST
                     raise
     except NetlinkError as e:
-        for fd in fds:
-            os.close(fd)
+        _close_all(fds)
         raise TunError(f"cannot configure {real}: {os.strerror(e.code)}") from None
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        _close_all(fds)
         raise
     return Tun(tuple(fds), real, index, vnet=bool(offloads), offloads=offloads)
