@@ -33,7 +33,7 @@ RUN apt-get update \
 COPY --from=builder /wheels /tmp/wheels
 RUN pip install --no-cache-dir --no-index --find-links=/tmp/wheels udpbackend==0.1.0 \
     && rm -rf /tmp/wheels \
-    && python -c "import udpbackend._fastpath"
+    && python -c "import udpbackend.dataplane._fastpath"
 
 # flannel's UDP backend port.
 EXPOSE 8285/udp

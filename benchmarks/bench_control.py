@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-# Control-plane benchmark on a real etcd (udpbackend.testbed.Cluster: etcd in a hub netns, daemons
-# in etcd mode in node namespaces): (a) lease put -> route programmed on the peers, one join at a
-# time, and lease delete -> route removed; (b) daemon start to /readyz 200 and to all routes
+# Control-plane benchmark on a real etcd (udpbackend.lab.testbed.Cluster: etcd in a hub netns,
+# daemons in etcd mode in node namespaces): (a) lease put -> route programmed on the peers, one join
+# at a time, and lease delete -> route removed; (b) daemon start to /readyz 200 and to all routes
 # programmed with 1,000 leases already in etcd. Must not: leave namespaces or processes behind
 # (also on failure and Ctrl-C); needs root and Debian's etcd-server/etcd-client.
 """Usage: python benchmarks/bench_control.py [--joins 100] [--leases 1000] [--starts 3]
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_overlay import log, machine_info, sigterm_as_interrupt
 
-from udpbackend.testbed import (
+from udpbackend.lab.testbed import (
     ETCD,
     OVERLAY_NETWORK,
     Cluster,

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from udpbackend.bench import main  # noqa: E402 - after the path set-up above
+from udpbackend.lab.bench import main  # noqa: E402 - after the path set-up above
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

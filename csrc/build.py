@@ -21,7 +21,7 @@ if os.environ.get("UDPBACKEND_SANITIZE") == "1":
 ffibuilder = FFI()
 ffibuilder.cdef(header)
 ffibuilder.set_source(
-    "udpbackend._fastpath",
+    "udpbackend.dataplane._fastpath",
     '#include <stdint.h>\n#include "fastpath.h"\n',
     # setuptools wants paths relative to the project root.
     sources=[os.path.join("csrc", s) for s in SOURCES],

@@ -1,6 +1,6 @@
-# Shared fixtures: `impl` runs a test once over the pure-Python twin (udpbackend.packet, id
-# "python") and once over the C fast path (udpbackend.fastpath, id "c").  A missing or broken
-# C extension FAILS the "c" variant rather than skipping it, unless UDPBACKEND_NO_EXTENSIONS=1.
+# Shared fixtures: `impl` runs a test once over the pure-Python twin (udpbackend.dataplane.packet,
+# id "python") and once over the C fast path (udpbackend.dataplane.fastpath, id "c").  A missing or
+# broken C extension FAILS the "c" variant rather than skipping (UDPBACKEND_NO_EXTENSIONS=1: skip).
 # Root/netns helpers live in tests/integration/conftest.py, not here.
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ IMPLS = ("python", "c")
 def load_impl(name: str) -> ModuleType:
     """The implementation module for `name` ("python" or "c"), or fail/skip the test."""
     if name == "python":
-        return importlib.import_module("udpbackend.packet")
+        return importlib.import_module("udpbackend.dataplane.packet")
     if NO_EXTENSIONS:
         pytest.skip("UDPBACKEND_NO_EXTENSIONS=1: C fast path not tested")
     try:
-        importlib.import_module("udpbackend._fastpath")
-        return importlib.import_module("udpbackend.fastpath")
+        importlib.import_module("udpbackend.dataplane._fastpath")
+        return importlib.import_module("udpbackend.dataplane.fastpath")
     except ImportError as exc:
         error = exc
     # Outside the except block, so the report is this one line, not a chained traceback.
@@ -41,7 +41,7 @@ def load_impl(name: str) -> ModuleType:
 
 @pytest.fixture(scope="session", params=IMPLS, ids=IMPLS)
 def impl(request: pytest.FixtureRequest) -> ModuleType:
-    """udpbackend.packet or udpbackend.fastpath: the same API, tested the same way."""
+    """udpbackend.dataplane.packet or .fastpath: the same API, tested the same way."""
     return load_impl(request.param)
 
 

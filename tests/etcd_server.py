@@ -1,7 +1,7 @@
 # A real etcd for integration tests: /usr/bin/etcd (or $ETCD) on free 127.0.0.1 ports with a
 # throwaway data dir (tmpfs when available), fast-election flags, optional TLS with client-cert
 # auth; stop/kill/restart on the SAME ports and data dir for outage tests; an etcdctl helper; and
-# a throwaway openssl PKI.  The process manager itself is udpbackend.testbed.EtcdProcess (shared
+# a throwaway openssl PKI.  The process manager itself is udpbackend.lab.testbed.EtcdProcess (shared
 # with the Cluster's hub etcd); this file adds the root-namespace spawn that dies with the test,
 # the PKI, and cleanup at exit.  Must not: touch any etcd it did not start (processes by PID only).
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from udpbackend.testbed import ETCD, ETCDCTL, EtcdProcess, EtcdTls, etcd_missing_binaries
-from udpbackend.testbed import free_tcp_port as free_port
+from udpbackend.lab.testbed import ETCD, ETCDCTL, EtcdProcess, EtcdTls, etcd_missing_binaries
+from udpbackend.lab.testbed import free_tcp_port as free_port
 
 __all__ = ["ETCD", "ETCDCTL", "EtcdServer", "Pki", "free_port", "make_pki", "unavailable_reason"]
 

@@ -1,6 +1,6 @@
 """Test doubles for the control plane: FakeClock (time and sleep you drive by hand) and
-FakeRegistry, an in-memory etcd v3 behind udpbackend.subnet.Registry: revisions, TTL leases
-that expire on the clock (producing DELETE events), create-if-absent, watches replaying
+FakeRegistry, an in-memory etcd v3 behind udpbackend.control.registry.Registry: revisions, TTL
+leases that expire on the clock (producing DELETE events), create-if-absent, watches replaying
 history from a revision, compaction, and an outage switch.  No I/O, no threads.
 """
 
@@ -12,7 +12,7 @@ import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from udpbackend.subnet import (
+from udpbackend.control.registry import (
     CompactedError,
     KeyValue,
     RegistryUnavailable,

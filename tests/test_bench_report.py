@@ -1,4 +1,4 @@
-# udpbackend.bench without a testbed: the schema validator (and its agreement with jsonschema),
+# udpbackend.lab.bench without a testbed: the schema validator (and its agreement with jsonschema),
 # the UDP rate search on scripted probes, medians and ratios, the --explain text derived from
 # the counters it is given, the Markdown table and the chart, on a synthetic results document.
 # Must not: need root or start anything (the end-to-end run is tests/integration/test_bench.py).
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from udpbackend import bench
+from udpbackend.lab import bench
 
 PHASE_KEYS = bench.PHASE_FIELDS
 

@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from udpbackend import cli, tun
+from udpbackend import cli
+from udpbackend.dataplane import tun
 
 NET = ["--network", "198.19.0.0/16", "--subnet", "198.19.1.0/24"]
 

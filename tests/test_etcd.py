@@ -16,15 +16,15 @@ import pytest
 import uvloop
 from etcd_server import EtcdServer, free_port, make_pki
 
-from udpbackend.etcd import EtcdRegistry, go_path_join
-from udpbackend.subnet import (
+from udpbackend.control.etcd import EtcdRegistry, go_path_join
+from udpbackend.control.registry import (
     CompactedError,
-    ConfigError,
     RegistryUnavailable,
     WatchBatch,
     WatchEvent,
     WatchKind,
 )
+from udpbackend.errors import ConfigError
 
 T = TypeVar("T")
 PREFIX = "/coreos.com/network"
@@ -487,7 +487,7 @@ def test_tls_client_certificates(etcd_factory: Any, tmp_path: Path) -> None:
 def test_username_password_and_token_refresh(
     etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="udpbackend.etcd")
+    caplog.set_level(logging.INFO, logger="udpbackend.control.etcd")
     etcd_server.etcdctl("user", "add", "root:s3cret", "--interactive=false")
     etcd_server.etcdctl("auth", "enable")
     etcd_server.user = "root:s3cret"  # for etcdctl (and the readiness check after restart)

@@ -1,8 +1,9 @@
 """Layering rules of the udpbackend package, checked on the source with ast (nothing is imported).
 
-Lives here: the allowed import edges between udpbackend's modules and the rule that each module
-opens with a comment or docstring of at least two lines. Must not: import udpbackend itself, so
-these tests run even where the C fast path did not build.
+Lives here: which udpbackend modules each module may import (closed by default: a module or
+package nobody placed here fails), who alone may import a given outside library, and the rule
+that each module opens with two lines saying what lives there.  Must not: import udpbackend
+itself, so these tests run even where the C fast path did not build.
 """
 
 from __future__ import annotations
@@ -18,103 +19,176 @@ import pytest
 PACKAGE = "udpbackend"
 PKG_DIR = Path(__file__).resolve().parent.parent / PACKAGE
 
-ANY = None  # marker: the module may import any other udpbackend module (but see _fastpath)
-
-# module -> the udpbackend modules it may import (ANY: all of them).
-# Modules missing from this table may import any udpbackend module except _fastpath.
-ALLOWED: dict[str, frozenset[str] | None] = {
-    "packet": frozenset(),
-    "fastpath": frozenset({"_fastpath", "packet"}),
-    "forwarder": frozenset({"fastpath", "packet"}),
-    "tun": frozenset(),
-    "testbed": frozenset(),
-    "demo": frozenset({"testbed"}),
-    "daemon": ANY,
-    "cli": ANY,
+# Data flows one way: cli -> node (the one place the planes meet) -> control, dataplane, host;
+# errors and options are leaves every layer may use; the lab drives nodes only as processes.
+# A unit is a top-level module or a package; unit -> the units it may import.
+UNITS: dict[str, frozenset[str]] = {
+    "__init__": frozenset(),
+    "__main__": frozenset({"cli"}),
+    "errors": frozenset(),
+    "options": frozenset(),
+    "cli": frozenset({"__init__", "errors", "options", "control", "node", "lab"}),
+    "node": frozenset({"errors", "options", "control", "dataplane", "host"}),
+    "control": frozenset({"errors", "options"}),
+    "dataplane": frozenset({"errors", "options"}),
+    "host": frozenset({"errors"}),
+    "lab": frozenset({"__init__"}),
 }
-STDLIB_ONLY = frozenset({"packet"})
-COMPILED = "_fastpath"
-COMPILED_IMPORTER = "fastpath"
+
+# Inside a unit whose modules are layers of their own, every module is listed (closed too):
+# module -> the modules it may import (dotted, relative to udpbackend).
+MODULES: dict[str, frozenset[str]] = {
+    "dataplane.__init__": frozenset(),
+    "dataplane.packet": frozenset(),
+    "dataplane._fastpath": frozenset(),
+    "dataplane.fastpath": frozenset({"dataplane._fastpath", "dataplane.packet"}),
+    "dataplane.forwarder": frozenset({"dataplane.fastpath", "dataplane.packet"}),
+    "dataplane.tun": frozenset(),
+    "dataplane.sockets": frozenset({"errors", "dataplane.fastpath"}),
+    "dataplane.plane": frozenset(
+        {
+            "errors",
+            "options",
+            "dataplane.packet",
+            "dataplane.fastpath",
+            "dataplane.forwarder",
+            "dataplane.sockets",
+            "dataplane.tun",
+        }
+    ),
+    "control.__init__": frozenset(),
+    "control.registry": frozenset(),
+    "control.gojson": frozenset({"errors"}),
+    "control.network": frozenset({"errors", "control.gojson"}),
+    "control.lease": frozenset({"errors", "control.gojson", "control.registry"}),
+    "control.allocate": frozenset({"errors", "control.network", "control.lease"}),
+    "control.manager": frozenset({"control.lease", "control.network"}),
+    "control.local": frozenset(
+        {
+            "errors",
+            "control.registry",
+            "control.gojson",
+            "control.network",
+            "control.lease",
+            "control.allocate",
+        }
+    ),
+    "control.static": frozenset({"errors", "options", "control.lease", "control.network"}),
+    "control.etcd": frozenset({"errors", "control.registry"}),
+    "node.routes": frozenset({"control.lease"}),
+    "node.health": frozenset(),
+    "node.metrics": frozenset(),
+}
+LAYERED_UNITS = frozenset({"dataplane", "control"})  # every module of these must be in MODULES
+
+STDLIB_ONLY = frozenset({"dataplane.packet", "errors", "options"})
+# outside library -> the only modules that may import it
+EXCLUSIVE = {
+    "aetcd": frozenset({"control.etcd"}),
+    "grpc": frozenset({"control.etcd"}),
+    "prometheus_client": frozenset({"node.metrics"}),
+    "cffi": frozenset(),
+}
+COMPILED = "dataplane._fastpath"
+COMPILED_IMPORTER = "dataplane.fastpath"
+
+
+def unit_of(module: str) -> str:
+    return module.split(".")[0]
+
+
+PACKAGES = frozenset({"dataplane", "control", "host", "node", "lab"})
+
+
+def _resolve(module: str, level: int, name: str | None) -> str:
+    """The dotted module (relative to udpbackend) that a relative import in `module` names."""
+    base = module.split(".")[:-1]  # "dataplane.__init__" and "dataplane.plane" -> dataplane
+    base = base[: len(base) - (level - 1)] if level > 1 else base
+    return ".".join([*base, *(name.split(".") if name else [])])
+
+
+def _targets(dotted: str, names: list[str]) -> list[str]:
+    """What ``from <dotted> import names`` imports: submodules of a package, else the module."""
+    if dotted == "":
+        return [n if n in UNITS or n in PACKAGES else "__init__" for n in names]
+    if dotted in PACKAGES:
+        return [f"{dotted}.{n}" for n in names]
+    return [dotted]
 
 
 def internal_and_external_imports(source: str, module: str) -> tuple[set[str], set[str]]:
-    """Return (udpbackend modules imported, top-level names of other packages imported).
-
-    Counts every import statement anywhere in the file (inside functions and `if TYPE_CHECKING:`
-    too) and importlib.import_module / __import__ calls with a constant string. `from udpbackend
-    import x` and `from . import x` count as importing module x.
-    """
+    """(udpbackend modules imported, dotted relative to the package; top-level names of the
+    other packages imported).  Counts every import statement anywhere in the file and
+    importlib.import_module / __import__ calls with a constant string."""
     tree = ast.parse(source)
     internal: set[str] = set()
     external: set[str] = set()
-
-    def add_dotted(name: str) -> None:
-        parts = name.split(".")
-        if parts[0] == PACKAGE:
-            if len(parts) > 1:
-                internal.add(parts[1])
-        else:
-            external.add(parts[0])
-
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                add_dotted(alias.name)
+                parts = alias.name.split(".")
+                if parts[0] == PACKAGE:
+                    internal.add(".".join(parts[1:]) or "__init__")
+                else:
+                    external.add(parts[0])
         elif isinstance(node, ast.ImportFrom):
+            names = [a.name for a in node.names]
             if node.level == 0:
                 assert node.module is not None
                 parts = node.module.split(".")
                 if parts[0] != PACKAGE:
                     external.add(parts[0])
-                elif len(parts) > 1:
-                    internal.add(parts[1])
                 else:
-                    internal.update(alias.name for alias in node.names)
-            elif node.level == 1:
-                if node.module:
-                    internal.add(node.module.split(".")[0])
-                else:
-                    internal.update(alias.name for alias in node.names)
+                    internal.update(_targets(".".join(parts[1:]), names))
             else:
-                # Beyond the package: never expected; record it so a rule can flag it.
-                internal.add("." * node.level + (node.module or ""))
+                internal.update(_targets(_resolve(module, node.level, node.module), names))
         elif isinstance(node, ast.Call) and node.args:
             func = node.func
-            name = (
-                func.attr
-                if isinstance(func, ast.Attribute)
-                else func.id
-                if isinstance(func, ast.Name)
-                else ""
-            )
+            name = getattr(func, "attr", None) or getattr(func, "id", "")
             arg = node.args[0]
             if (
                 name in ("import_module", "__import__")
                 and isinstance(arg, ast.Constant)
                 and isinstance(arg.value, str)
             ):
-                if arg.value.startswith("."):
-                    internal.add(arg.value.lstrip(".").split(".")[0])
+                parts = arg.value.split(".")
+                if parts[0] == PACKAGE:
+                    internal.add(".".join(parts[1:]) or "__init__")
                 else:
-                    add_dotted(arg.value)
+                    external.add(parts[0])
     internal.discard(module)
     return internal, external
 
 
+def _allowed(module: str, target: str) -> bool:
+    if module in MODULES:
+        rule = MODULES[module]
+        return target in rule or unit_of(target) in rule
+    unit = unit_of(module)
+    return unit_of(target) == unit or unit_of(target) in UNITS.get(unit, frozenset())
+
+
 def layer_violations(source: str, module: str) -> list[str]:
-    """Every forbidden import edge of `module` (given its source), as readable lines."""
+    """Every forbidden import edge of `module` (dotted, relative to udpbackend), as lines."""
     internal, external = internal_and_external_imports(source, module)
     problems: list[str] = []
-    if COMPILED in internal and module != COMPILED_IMPORTER:
-        problems.append(f"{module} imports {COMPILED}: only {COMPILED_IMPORTER} may")
-    allowed = ALLOWED.get(module, ANY)
-    if allowed is not ANY:
-        for target in sorted(internal - allowed - {COMPILED}):
-            what = "only " + ", ".join(sorted(allowed)) if allowed else "no udpbackend module"
-            problems.append(f"{module} imports {target}: it may import {what}")
+    unit = unit_of(module)
+    if unit not in UNITS:
+        problems.append(f"{module}: nobody placed unit {unit!r} in test_layers.UNITS")
+    elif unit in LAYERED_UNITS and module not in MODULES:
+        problems.append(f"{module}: nobody placed it in test_layers.MODULES")
+    for target in sorted(internal):
+        if target == COMPILED and module != COMPILED_IMPORTER:
+            problems.append(f"{module} imports {COMPILED}: only {COMPILED_IMPORTER} may")
+        elif target != COMPILED and not _allowed(module, target):
+            problems.append(f"{module} imports {target}: not an allowed edge")
     if module in STDLIB_ONLY:
         for name in sorted(external - set(sys.stdlib_module_names)):
             problems.append(f"{module} imports {name}: it may import only the standard library")
+    for name in sorted(external):
+        if name in EXCLUSIVE and module not in EXCLUSIVE[name]:
+            only = ", ".join(sorted(EXCLUSIVE[name])) or "no module (build time only)"
+            problems.append(f"{module} imports {name}: only {only} may")
     return problems
 
 
@@ -140,7 +214,11 @@ def header_lines(source: str) -> int:
 
 
 def package_modules() -> dict[str, str]:
-    return {path.stem: path.read_text() for path in sorted(PKG_DIR.glob("*.py"))}
+    """dotted module (relative to udpbackend, "dataplane.__init__" for a package) -> source."""
+    return {
+        ".".join(path.relative_to(PKG_DIR).with_suffix("").parts): path.read_text()
+        for path in sorted(PKG_DIR.rglob("*.py"))
+    }
 
 
 # --- the checkers themselves, on synthetic sources: the real-tree tests cannot pass vacuously ---
@@ -149,19 +227,32 @@ def package_modules() -> dict[str, str]:
 @pytest.mark.parametrize(
     ("module", "source"),
     [
-        ("packet", "import struct\nfrom udpbackend import fastpath\n"),
-        ("packet", "import numpy\n"),
-        ("packet", "from . import tun\n"),
-        ("fastpath", "from udpbackend.forwarder import Forwarder\n"),
-        ("forwarder", "from . import _fastpath\n"),
-        ("forwarder", "import udpbackend.tun\n"),
-        ("forwarder", "def f():\n    from .daemon import Daemon\n"),
-        ("tun", "from udpbackend.packet import parse\n"),
-        ("testbed", "import importlib\nimportlib.import_module('udpbackend.daemon')\n"),
-        ("demo", "from .daemon import run\n"),
-        ("daemon", "from udpbackend._fastpath import ffi, lib\n"),
-        ("cli", "import udpbackend._fastpath\n"),
-        ("stats", "from ._fastpath import lib\n"),
+        ("dataplane.packet", "import struct\nfrom udpbackend.dataplane import fastpath\n"),
+        ("dataplane.packet", "import numpy\n"),
+        ("dataplane.packet", "from . import tun\n"),
+        ("dataplane.fastpath", "from udpbackend.dataplane.forwarder import Forwarder\n"),
+        ("dataplane.forwarder", "from . import _fastpath\n"),
+        ("dataplane.forwarder", "import udpbackend.dataplane.tun\n"),
+        ("dataplane.forwarder", "def f():\n    from ..node import lifecycle\n"),
+        ("dataplane.plane", "from ..control.lease import Lease\n"),
+        ("dataplane.plane", "from ..host.iface import find_interface\n"),
+        ("dataplane.newthing", "import os\n"),
+        ("control.lease", "from ..dataplane import packet\n"),
+        ("control.etcd", "from ..node.lifecycle import Node\n"),
+        ("control.static", "import aetcd\n"),
+        ("control.newthing", "import os\n"),
+        ("host.iptables", "from ..control.network import NetworkConfig\n"),
+        ("lab.testbed", "import importlib\nimportlib.import_module('udpbackend.node.compose')\n"),
+        ("lab.demo", "from ..node.lifecycle import Node\n"),
+        ("lab.bench", "from ..dataplane import fastpath\n"),
+        ("node.lifecycle", "from udpbackend.dataplane._fastpath import ffi, lib\n"),
+        ("node.lifecycle", "from ..lab import testbed\n"),
+        ("node.lifecycle", "from .. import cli\n"),
+        ("cli", "import udpbackend.dataplane._fastpath\n"),
+        ("cli", "from .dataplane import plane\n"),
+        ("errors", "from .options import RunOptions\n"),
+        ("newtop", "import os\n"),
+        ("newpkg.thing", "import os\n"),
     ],
 )
 def test_checker_flags_planted_violation(module: str, source: str) -> None:
@@ -171,15 +262,20 @@ def test_checker_flags_planted_violation(module: str, source: str) -> None:
 @pytest.mark.parametrize(
     ("module", "source"),
     [
-        ("packet", "from __future__ import annotations\nimport struct, ipaddress\n"),
-        ("fastpath", "from . import packet\nfrom ._fastpath import ffi, lib\n"),
-        ("fastpath", "from udpbackend import _fastpath, packet\n"),
-        ("forwarder", "import uvloop\nfrom .fastpath import Batch\nfrom . import packet\n"),
-        ("tun", "import fcntl, os, struct\n"),
-        ("testbed", "import subprocess\nfrom pyroute2 import NetNS\n"),
-        ("demo", "from .testbed import Testbed\n"),
-        ("daemon", "from . import forwarder, tun, fastpath, packet\n"),
-        ("cli", "from udpbackend.daemon import Daemon\nfrom udpbackend.demo import main\n"),
+        ("dataplane.packet", "from __future__ import annotations\nimport struct, ipaddress\n"),
+        ("dataplane.fastpath", "from . import packet\nfrom ._fastpath import ffi, lib\n"),
+        ("dataplane.fastpath", "from udpbackend.dataplane import _fastpath, packet\n"),
+        ("dataplane.forwarder", "import uvloop\nfrom .fastpath import Pump\nfrom . import packet"),
+        ("dataplane.tun", "import fcntl, os, struct\nfrom pyroute2 import IPRoute\n"),
+        ("dataplane.plane", "from ..errors import StartupError\nfrom . import packet\n"),
+        ("control.etcd", "import aetcd\nfrom .registry import Registry\nfrom ..errors import E\n"),
+        ("lab.testbed", "import subprocess\nfrom pyroute2 import NetNS\n"),
+        ("lab.demo", "from .testbed import Testbed\n"),
+        ("lab.bench", "from .. import __version__\n"),
+        ("node.lifecycle", "from ..control.lease import Lease\nfrom ..host import iptables\n"),
+        ("node.compose", "from ..dataplane.plane import DataPlane\n"),
+        ("cli", "from .node.compose import run_node\nfrom .lab import demo\n"),
+        ("__main__", "from .cli import main\n"),
     ],
 )
 def test_checker_accepts_allowed_imports(module: str, source: str) -> None:
@@ -198,8 +294,9 @@ def test_header_checker() -> None:
 # --- the real package ---
 
 
-def test_package_has_modules() -> None:
-    assert (PKG_DIR / "packet.py").is_file(), f"{PKG_DIR} has no packet.py"
+def test_package_has_the_layers() -> None:
+    found = {unit_of(m) for m in package_modules()}
+    assert {"cli", "node", "control", "dataplane", "host", "lab"} <= found, found
 
 
 def test_no_forbidden_imports() -> None:
@@ -211,11 +308,43 @@ def test_no_forbidden_imports() -> None:
     assert problems == [], "forbidden imports:\n  " + "\n  ".join(problems)
 
 
+def test_no_import_cycles() -> None:
+    """Module-level imports only (a function-level import cannot make an import cycle)."""
+    graph: dict[str, set[str]] = {}
+    mods = package_modules()
+    for module, source in mods.items():
+        top = ast.Module(
+            body=[n for n in ast.parse(source).body if isinstance(n, ast.Import | ast.ImportFrom)],
+            type_ignores=[],
+        )
+        internal, _ = internal_and_external_imports(ast.unparse(top), module)
+        graph[module] = {t for t in internal if t in mods} | {
+            f"{t}.__init__" for t in internal if f"{t}.__init__" in mods
+        }
+
+    def visit(m: str, path: list[str], done: set[str]) -> list[str] | None:
+        if m in path:
+            return [*path[path.index(m) :], m]
+        if m in done:
+            return None
+        for t in sorted(graph.get(m, ())):
+            cycle = visit(t, [*path, m], done)
+            if cycle:
+                return cycle
+        done.add(m)
+        return None
+
+    done: set[str] = set()
+    for m in sorted(graph):
+        cycle = visit(m, [], done)
+        assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
 def test_every_module_opens_with_a_header() -> None:
     short = [
-        f"{PACKAGE}/{module}.py"
+        f"{PACKAGE}/{module.replace('.', '/')}.py"
         for module, source in package_modules().items()
-        if header_lines(source) < 2
+        if module != "__init__" and header_lines(source) < 2
     ]
     assert short == [], (
         "each module must open with a comment or docstring of at least two lines "

@@ -1,4 +1,4 @@
-# udpbackend.metrics: the Prometheus exposition of the data-plane counters and control-plane
+# udpbackend.node.metrics: the Prometheus exposition of the data-plane counters and control-plane
 # state. Lives here: parsing render()'s output with prometheus_client's own text parser (names,
 # types, labels, units, histogram shape, control metrics present or left out, no global state),
 # and, in the netns tier, counters rising between two scrapes of a live daemon's stats file while
@@ -15,7 +15,8 @@ from packets import ip, ipv4_icmp_echo
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from udpbackend import metrics, packet
+from udpbackend.dataplane import packet
+from udpbackend.node import metrics
 
 TUN_IP = ip("198.19.1.0")
 
@@ -23,7 +24,7 @@ TUN_IP = ip("198.19.1.0")
 def _contexts() -> list[Any]:
     out: list[Any] = [packet.Context]
     try:
-        from udpbackend import fastpath
+        from udpbackend.dataplane import fastpath
     except ImportError:  # the C extension is not built: the twin alone
         return out
     return [*out, fastpath.Context]
@@ -56,13 +57,13 @@ def stats_doc(ctx_cls: Any = packet.Context) -> dict[str, Any]:
 
 
 def _c_routes() -> Any:
-    from udpbackend import fastpath
+    from udpbackend.dataplane import fastpath
 
     return fastpath.Routes()
 
 
 def _c_egress() -> Any:
-    from udpbackend import fastpath
+    from udpbackend.dataplane import fastpath
 
     return fastpath.egress
 
@@ -208,7 +209,7 @@ def _live_missing() -> str | None:
 @pytest.mark.netns
 @pytest.mark.skipif(_live_missing() is not None, reason=str(_live_missing()))
 def test_counters_rise_between_scrapes_of_a_live_daemon() -> None:
-    from udpbackend.testbed import Testbed
+    from udpbackend.lab.testbed import Testbed
 
     def scrape(doc: dict[str, Any]) -> dict[str, Any]:
         return families(metrics.render(doc, {"routes": doc.get("routes")}))

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 from packets import forwarded, ip, ipv4_udp
 
-from udpbackend.forwarder import QueueThread
+from udpbackend.dataplane.forwarder import QueueThread
 
-fastpath = pytest.importorskip("udpbackend.fastpath")
+fastpath = pytest.importorskip("udpbackend.dataplane.fastpath")
 
 SRC, DST = "198.18.5.5", "198.19.1.5"
 

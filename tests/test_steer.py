@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from packets import ipv4, ipv4_udp, mutate
 
-from udpbackend import packet
+from udpbackend.dataplane import packet
 
-fastpath = pytest.importorskip("udpbackend.fastpath")
+fastpath = pytest.importorskip("udpbackend.dataplane.fastpath")
 
 TCP = 6
 

@@ -1,4 +1,4 @@
-# The control plane's pure logic and the SubnetManager over FakeRegistry + FakeClock:
+# The control plane's pure logic and the LocalManager over FakeRegistry + FakeClock:
 # flannel-compat.md §10 items 2-4, 6-15 and 17, §2's worked examples with flannel's exact
 # error texts, allocation, the lease-event diff, the watch through compaction and outages,
 # and hypothesis fuzzing of every parser of datastore input (parsed or ConfigError).
@@ -17,31 +17,24 @@ from fakes import FakeRegistry
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from udpbackend.subnet import (
-    SUBNET_TTL,
-    AcquireError,
-    ConfigError,
-    ConfigMissing,
-    KeyValue,
+from udpbackend.control.allocate import allocate_ipv6_subnet, allocate_subnet, is_lease_compatible
+from udpbackend.control.lease import (
     Lease,
     LeaseAttrs,
     LeaseEvent,
     LeaseEventKind,
     LeaseWatcher,
-    NetworkConfig,
-    SubnetManager,
-    WatchBatch,
-    allocate_ipv6_subnet,
-    allocate_subnet,
     format_lease_value,
     format_subnet_key,
-    is_lease_compatible,
     kv_to_lease,
     parse_lease_value,
-    parse_network_config,
     parse_subnet_key,
     subnet_kv_key,
 )
+from udpbackend.control.local import SUBNET_TTL, AcquireError, ConfigMissing, LocalManager
+from udpbackend.control.network import NetworkConfig, parse_network_config
+from udpbackend.control.registry import KeyValue, WatchBatch
+from udpbackend.errors import ConfigError
 
 ADDED, REMOVED = LeaseEventKind.ADDED, LeaseEventKind.REMOVED
 NET = "198.18.0.0/16"
@@ -78,8 +71,8 @@ async def nxt(gen: AsyncIterator[T]) -> T:
     return await asyncio.wait_for(anext(gen), 2)
 
 
-def manager(reg: FakeRegistry, seed: int = 7) -> SubnetManager:
-    return SubnetManager(reg, clock=reg.clock, rng=random.Random(seed), sleep=reg.clock.sleep)
+def manager(reg: FakeRegistry, seed: int = 7) -> LocalManager:
+    return LocalManager(reg, clock=reg.clock, rng=random.Random(seed), sleep=reg.clock.sleep)
 
 
 def summary(events: list[LeaseEvent]) -> list[tuple[str, str, str]]:
@@ -880,7 +873,7 @@ def test_kv_to_lease(kv: KeyValue, ttl: int, expect: tuple[str, float | None] | 
 
 
 # ---------------------------------------------------------------------------------------------
-# SubnetManager: config, acquire, renew (§1.3, §1.4, §1.6, §1.7; checklist 4, 5, 10-15)
+# LocalManager: config, acquire, renew (§1.3, §1.4, §1.6, §1.7; checklist 4, 5, 10-15)
 # ---------------------------------------------------------------------------------------------
 
 CONFIG = json.dumps({"Network": NET, "Backend": {"Type": "udp"}}).encode()
@@ -1081,7 +1074,7 @@ def test_lease_expires_without_renewal() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def watch_setup() -> tuple[FakeRegistry, SubnetManager]:
+def watch_setup() -> tuple[FakeRegistry, LocalManager]:
     reg = FakeRegistry(config=CONFIG)
     reg.put(key(OWN), val(ME), ttl=SUBNET_TTL)
     reg.put(key("198.18.2.0/24"), val(PEER_A), ttl=SUBNET_TTL)
@@ -1190,7 +1183,7 @@ def test_watch_backoff_is_capped_at_five_seconds() -> None:
     async def scenario() -> None:
         reg = watch_setup()[0]
         states: list[bool] = []
-        mgr = SubnetManager(
+        mgr = LocalManager(
             reg,
             clock=reg.clock,
             rng=random.Random(1),

@@ -1,8 +1,8 @@
 """Command line: `udpbackend run` (a node: from etcd like flanneld, or from static flags),
 `udpbackend demo`, `udpbackend bench` and `udpbackend trace`.  flanneld's flag names and
 defaults, Go-style `-flag` spellings and FLANNELD_<NAME> environment variables; every
-user-facing problem is one line and a non-zero exit code.  The work itself lives in daemon.py,
-demo.py, bench.py and trace.py.
+user-facing problem is one line and a non-zero exit code.  The work itself lives in node/
+(run), lab/demo.py, lab/bench.py and lab/trace.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import os
 import sys
 
 from . import __version__
-from .config import MODES, ConfigError, build_config, parse_ip, parse_peer, read_peers_file
+from .control.static import build_config, parse_ip, parse_peer, read_peers_file
+from .errors import ConfigError
+from .options import MODES
 
 log = logging.getLogger("udpbackend")
 
@@ -156,7 +158,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     d.add_argument("--mode", default="batched", choices=MODES)
     d.add_argument("--seconds", type=float, default=3.0, help="iperf3 duration")
     d.add_argument("--nodes", type=int, default=3, help="number of nodes (2..20, default 3)")
-    from . import bench, trace
+    from .lab import bench, trace
 
     b = sub.add_parser(
         "bench",
@@ -230,7 +232,9 @@ def apply_env(run: argparse.ArgumentParser, argv: list[str], environ: dict[str, 
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .daemon import RunOptions, StartupError, run_node
+    from .errors import StartupError
+    from .node.compose import run_node
+    from .options import RunOptions
 
     if not 1 <= args.subnet_lease_renew_margin <= 1439:
         raise ConfigError(
@@ -284,6 +288,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     elif opts.subnet_file is None:
         opts.subnet_file = DEFAULT_SUBNET_FILE
+    if static is not None:
+        opts.forward_rules = False  # static nodes never wrote FLANNEL-FWD; --ip-masq still works
     if os.geteuid() != 0:
         raise StartupError("must run as root: creating the TUN device needs CAP_NET_ADMIN")
     return run_node(static, opts)
@@ -319,28 +325,28 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s.%(msecs)03d udpbackend: %(message)s",
         datefmt="%Y-%m-%dT%H:%M:%S",
     )
-    from .daemon import StartupError
+    from .errors import StartupError
 
     try:
         if args.command == "run":
             return _run(args)
         if args.command == "bench":
-            from .bench import BenchError
-            from .bench import run as run_bench
+            from .lab.bench import BenchError
+            from .lab.bench import run as run_bench
 
             try:
                 return run_bench(args)
             except BenchError as e:
                 raise ConfigError(str(e)) from None
         if args.command == "trace":
-            from .trace import TraceError
-            from .trace import run as run_trace
+            from .lab.trace import TraceError
+            from .lab.trace import run as run_trace
 
             try:
                 return run_trace(args)
             except TraceError as e:
                 raise ConfigError(str(e)) from None
-        from .demo import run_demo
+        from .lab.demo import run_demo
 
         return run_demo(mode=args.mode, seconds=args.seconds, nodes=args.nodes)
     except ConfigError as e:

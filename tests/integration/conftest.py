@@ -1,4 +1,4 @@
-# The netns tier: real TUN devices and real daemons in two network namespaces (udpbackend.testbed).
+# The netns tier: real TUN devices and real daemons in network namespaces (udpbackend.lab.testbed).
 # Lives here: the skip rule (root, /dev/net/tun, iperf3), the `netns` marker on every test in this
 # directory, and fixtures that start a 2-node overlay per mode and always tear it down.
 # Must not: configure anything outside namespaces the testbed itself created.
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from udpbackend.testbed import Node, Testbed
+from udpbackend.lab.testbed import Node, Testbed
 
 HERE = Path(__file__).resolve().parent
 MODES = ("batched", "per-packet", "python")

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from pyroute2 import netns
 
-from udpbackend import bench
+from udpbackend.lab import bench
 
 PR_SET_CHILD_SUBREAPER = 36
 BENCH_PREFIX = "ubbt"  # bench's namespaces: ubbt-<bench pid>-<n>-a / -b
@@ -233,7 +233,7 @@ def test_trace_decodes_ipv4_in_udp_while_pinging(batched: Any, tmp_path: Path, s
     from scapy.layers.inet import IP, UDP
     from scapy.utils import rdpcap
 
-    from udpbackend.trace import bind_flannel
+    from udpbackend.lab.trace import bind_flannel
 
     bind_flannel(8285)
     pkts = rdpcap(str(pcap))

@@ -1,5 +1,5 @@
 # End-to-end tests of the daemon in etcd mode, like flanneld: a real etcd in a hub namespace,
-# 3+ nodes in their own namespaces bridged to it (udpbackend.testbed.Cluster), `python -m
+# 3+ nodes in their own namespaces bridged to it (udpbackend.lab.testbed.Cluster), `python -m
 # udpbackend run --etcd-endpoints ...` in each. Lives here: what an operator, etcdctl or a flannel
 # peer can observe (leases and their bytes, routes via log lines and ICMP, subnet.env, iptables,
 # health endpoints, restarts, etcd outages). Must not: touch anything outside the namespaces.
@@ -15,14 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from udpbackend.testbed import (
-    ETCD,
-    ETCDCTL,
-    OVERLAY_NETWORK,
-    Cluster,
-    EtcdNode,
-    lease_value,
-)
+from udpbackend.lab.testbed import ETCD, ETCDCTL, OVERLAY_NETWORK, Cluster, EtcdNode, lease_value
 
 NS_PREFIX = "ubit"  # conftest.py checks that no ubit-<our pid>-* namespace is left behind
 BASE = (0, 1, 2)  # the nodes every test may rely on (restarted by the `cl` fixture if stopped)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from udpbackend.testbed import Testbed
+from udpbackend.lab.testbed import Testbed
 
 pytestmark = pytest.mark.netns
 

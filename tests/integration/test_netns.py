@@ -18,7 +18,7 @@ from pyroute2 import netns
 from scapy.layers.inet import ICMP, IP, UDP, IPerror, UDPerror
 from scapy.layers.l2 import Ether
 
-from udpbackend.testbed import UDP_PORT, Testbed, TestbedError
+from udpbackend.lab.testbed import UDP_PORT, Testbed, TestbedError
 
 A_TUN = "198.19.1.0"
 B_TUN = "198.19.2.0"
@@ -480,7 +480,7 @@ def test_daemon_that_dies_is_reported(testbed: Testbed) -> None:
 def test_demo_ctrl_c_cleans_up() -> None:
     """Ctrl-C in the middle of the demo leaves no namespace and no process behind."""
     code = (
-        "import sys; from udpbackend.demo import run_demo; "
+        "import sys; from udpbackend.lab.demo import run_demo; "
         "raise SystemExit(run_demo(seconds=30, out=sys.stdout))"
     )
     proc = subprocess.Popen(
@@ -508,7 +508,7 @@ def test_demo_ctrl_c_cleans_up() -> None:
 
 
 def test_demo_runs() -> None:
-    from udpbackend.demo import run_demo
+    from udpbackend.lab.demo import run_demo
 
     out = io.StringIO()
     assert run_demo("batched", seconds=1, out=out) == 0, out.getvalue()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from udpbackend.testbed import UDP_PORT, Node, Testbed
+from udpbackend.lab.testbed import UDP_PORT, Node, Testbed
 
 pytestmark = pytest.mark.netns
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from udpbackend.testbed import Node, Testbed
+from udpbackend.lab.testbed import Node, Testbed
 
 pytestmark = pytest.mark.netns
 

@@ -1,21 +1,21 @@
-"""Static node configuration (the `run` flags without etcd): parse and check the overlay
-network, this node's subnet and its peers.  Pure: no I/O beyond reading a peers file,
-and every problem is one ConfigError with a one-line message naming the flag.
+"""The static subnet manager: a node run from flags instead of a datastore (--network,
+--subnet, --peer, --peers-file), parsed and checked here, then served to the lifecycle as
+StaticManager.  No I/O beyond reading a peers file; every problem is one ConfigError line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
 
-from .packet import DEFAULT_PORT
-
-MODES = ("batched", "per-packet", "python")
-
-
-class ConfigError(ValueError):
-    """Bad configuration; str() is a one-line message for the user."""
+from ..errors import ConfigError
+from ..options import MODES
+from .lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventKind, subnet_kv_key
+from .network import DEFAULT_BACKEND_PORT as DEFAULT_PORT
+from .network import NetworkConfig
 
 
 @dataclass(frozen=True)
@@ -114,3 +114,58 @@ def build_config(
         if last is None or p.subnet.broadcast_address > last.subnet.broadcast_address:
             last = p
     return NodeConfig(net, own, peer_list, port, mode)
+
+
+class StaticManager:
+    """The subnet manager of a node run from flags (control.manager.SubnetManager): the
+    network and this node's subnet from --network/--subnet, the peers from --peer and
+    --peers-file, once; nothing to renew, no datastore to lose."""
+
+    kind = "static"
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self.on_state: Callable[[bool], None] | None = None
+
+    async def get_network_config(self) -> NetworkConfig:
+        net = self.cfg.network
+        return NetworkConfig(
+            network=net,
+            subnet_len=self.cfg.subnet.prefixlen,
+            subnet_min=net.network_address,
+            subnet_max=net.broadcast_address,
+            backend_port=self.cfg.port,
+        )
+
+    async def acquire_lease(
+        self, cfg: NetworkConfig, public_ip: IPv4Address, prev_subnet: IPv4Network | None
+    ) -> Lease:
+        return self._lease(self.cfg.subnet, public_ip)
+
+    @staticmethod
+    def _lease(subnet: IPv4Network, public_ip: IPv4Address) -> Lease:
+        return Lease(subnet, LeaseAttrs(public_ip), None, subnet_kv_key(subnet))
+
+    async def watch_leases(
+        self,
+        own_subnet: IPv4Network | None,
+        *,
+        on_own: Callable[[LeaseEvent], None] | None = None,
+    ) -> AsyncIterator[list[LeaseEvent]]:
+        yield [
+            LeaseEvent(LeaseEventKind.ADDED, self._lease(p.subnet, p.public_ip))
+            for p in self.cfg.peers
+        ]
+        await asyncio.Event().wait()  # the peers never change
+
+    def renew_at(self, lease: Lease) -> float | None:
+        return None
+
+    async def renew_lease(self, lease: Lease) -> Lease:
+        return lease
+
+    async def complete_lease(self, lease: Lease) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

@@ -1,4 +1,4 @@
-"""The C fast path, wrapped: the only importer of ``udpbackend._fastpath``.
+"""The C fast path, wrapped: the only importer of ``udpbackend.dataplane._fastpath``.
 
 Same API as the pure-Python twin in ``packet.py`` (tests hold the two to each other). This
 module validates arguments, owns every buffer it hands to C, and turns ``-errno`` returns into

@@ -420,7 +420,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    from . import __version__
+    from .. import __version__
 
     out = {"udpbackend": str(__version__), "python": platform.python_version()}
     for dist in ("cffi", "uvloop", "pyroute2"):

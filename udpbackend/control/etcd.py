@@ -16,9 +16,9 @@ import grpc
 import grpc.aio
 from aetcd import rpc, utils
 
-from .subnet import (
+from ..errors import ConfigError
+from .registry import (
     CompactedError,
-    ConfigError,
     KeyValue,
     Registry,
     RegistryUnavailable,

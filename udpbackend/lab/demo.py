@@ -3,7 +3,7 @@
 Lives here: run_demo() and its friendly output. It starts etcd in a hub namespace, writes the
 network config, starts `udpbackend run --etcd-endpoints ...` in each node namespace, waits until
 every node routes to every other, then shows the leases, all-pairs ping and one iperf3 run. It
-drives the daemon only as a subprocess through udpbackend.testbed, so it must not import the
+drives the daemon only as a subprocess through udpbackend.lab.testbed, so it must not import the
 data plane (or anything but testbed). Everything it creates is removed on success, on error and
 on Ctrl-C.
 """

@@ -1,0 +1,72 @@
+"""The composition root: options in, a running node out.  Picks the subnet manager (static
+flags or etcd; kube next), the data-plane factory and the host's parts, and runs the one
+lifecycle on uvloop.  Must not: hold lifecycle logic (lifecycle.py) or parse flags (cli.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import time
+from functools import partial
+
+from ..control.manager import SubnetManager
+from ..control.static import NodeConfig, StaticManager
+from ..dataplane.plane import DataPlane, tun_mtu
+from ..host.iface import ExternalInterface, find_interface
+from ..host.iptables import Iptables
+from ..options import RunOptions
+from .lifecycle import Node, Parts
+
+
+def etcd_manager(opts: RunOptions) -> SubnetManager:
+    from ..control.etcd import EtcdRegistry
+    from ..control.local import LocalManager
+
+    registry = EtcdRegistry(
+        endpoints=opts.etcd_endpoints,
+        prefix=opts.etcd_prefix,
+        cafile=opts.etcd_cafile or None,
+        certfile=opts.etcd_certfile or None,
+        keyfile=opts.etcd_keyfile or None,
+        username=opts.etcd_username or None,
+        password=opts.etcd_password or None,
+    )
+    return LocalManager(
+        registry, clock=time.time, rng=random.Random(), renew_margin=opts.renew_margin_minutes
+    )
+
+
+def data_plane(
+    opts: RunOptions,
+    network: ipaddress.IPv4Network,
+    subnet: ipaddress.IPv4Network,
+    port: int,
+    ext: ExternalInterface,
+    mtu: int,
+) -> DataPlane:
+    return DataPlane(network, subnet, port, ext.address, ext.name, mtu, opts)
+
+
+def build_parts(static: NodeConfig | None, opts: RunOptions) -> Parts:
+    """The production parts for these options."""
+    manager = StaticManager(static) if static is not None else etcd_manager(opts)
+    return Parts(
+        manager=manager,
+        make_plane=partial(data_plane, opts),
+        find_interface=partial(
+            find_interface, opts.ifaces, opts.iface_regexes, opts.iface_can_reach, opts.public_ip
+        ),
+        tun_mtu=tun_mtu,
+        make_rules=Iptables,
+    )
+
+
+def run_node(static: NodeConfig | None, opts: RunOptions) -> int:
+    """Run a node until SIGTERM/SIGINT: static when ``static`` is given, else from etcd."""
+    import uvloop
+
+    async def main() -> int:
+        return await Node(opts, build_parts(static, opts)).run()
+
+    return uvloop.run(main())

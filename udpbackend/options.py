@@ -1,0 +1,40 @@
+"""What the command line hands the node: RunOptions, one field per flag that reaches a running
+node, with flanneld's defaults.  Plain data: no parsing (cli.py) and no behaviour (node/).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+MODES = ("batched", "per-packet", "python")  # --mode: C batched, C one packet a syscall, the twin
+DEFAULT_ETCD_PREFIX = "/coreos.com/network"
+
+
+@dataclass
+class RunOptions:
+    tun_name: str = "flannel0"
+    ifaces: tuple[str, ...] = ()
+    iface_regexes: tuple[str, ...] = ()
+    iface_can_reach: str | None = None
+    public_ip: ipaddress.IPv4Address | None = None
+    stats_file: str | None = None
+    subnet_file: str | None = None
+    offload: bool = True  # --offload auto: UDP GSO/GRO where the kernel has them
+    mode: str = "batched"
+    driver: str = "python"  # static mode: "c" runs the pumps from fp_run's C loop instead
+    queues: int = 1  # TUN queues / UDP sockets / threads (IFF_MULTI_QUEUE + SO_REUSEPORT)
+    rt_priority: int = 0  # > 0: the queue threads run SCHED_RR at this priority
+    ip_masq: bool = False
+    forward_rules: bool = True
+    iptables_resync: int = 5
+    healthz_ip: str = "0.0.0.0"
+    healthz_port: int = 0
+    etcd_endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:2379"])
+    etcd_prefix: str = DEFAULT_ETCD_PREFIX
+    etcd_cafile: str = ""
+    etcd_certfile: str = ""
+    etcd_keyfile: str = ""
+    etcd_username: str = ""
+    etcd_password: str = ""
+    renew_margin_minutes: int = 60
