@@ -213,7 +213,7 @@ def test_forwarding_and_ready_wait_for_the_initial_snapshot_then_watch_applies()
 
 def test_config_errors_are_retried_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     mgr = ScriptedManager(config_failures=2)
-    node, planes, _ = make_node(mgr)
+    node, _, _ = make_node(mgr)
     caplog.set_level(logging.WARNING, logger="udpbackend")
 
     async def main() -> None:
