@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -1488,13 +1488,3 @@ class KubeApiServer:
                     }))  # fmt: skip
             for line in out:
                 h.write_chunk(line)
-
-
-@contextlib.contextmanager
-def serve(**kwargs: Any) -> Iterator[KubeApiServer]:
-    """`with serve() as api:` — a KubeApiServer closed on exit."""
-    api = KubeApiServer(**kwargs)
-    try:
-        yield api
-    finally:
-        api.close()

@@ -75,6 +75,16 @@ MODULES: dict[str, frozenset[str]] = {
     ),
     "control.static": frozenset({"errors", "options", "control.lease", "control.network"}),
     "control.etcd": frozenset({"errors", "control.registry"}),
+    "control.annotations": frozenset({"errors", "control.lease"}),
+    "control.kube": frozenset(
+        {
+            "errors",
+            "control.annotations",
+            "control.lease",
+            "control.network",
+            "control.registry",
+        }
+    ),
     "node.routes": frozenset({"control.lease"}),
     "node.health": frozenset(),
     "node.metrics": frozenset(),
@@ -87,6 +97,8 @@ EXCLUSIVE = {
     "aetcd": frozenset({"control.etcd"}),
     "grpc": frozenset({"control.etcd"}),
     "prometheus_client": frozenset({"node.metrics"}),
+    "lightkube": frozenset({"control.kube"}),
+    "httpx2": frozenset({"control.kube"}),
     "cffi": frozenset(),
 }
 COMPILED = "dataplane._fastpath"
@@ -240,6 +252,8 @@ def package_modules() -> dict[str, str]:
         ("control.lease", "from ..dataplane import packet\n"),
         ("control.etcd", "from ..node.lifecycle import Node\n"),
         ("control.static", "import aetcd\n"),
+        ("control.etcd", "from lightkube import AsyncClient\n"),
+        ("control.annotations", "from .kube import KubeManager\n"),
         ("control.newthing", "import os\n"),
         ("host.iptables", "from ..control.network import NetworkConfig\n"),
         ("lab.testbed", "import importlib\nimportlib.import_module('udpbackend.node.compose')\n"),

@@ -107,6 +107,9 @@ class ScriptedManager:
             raise ConfigError("flannel config not found")
         return NetworkConfig(NET, 24, NET[256], NET[-256])
 
+    async def stored_public_ip(self) -> ipaddress.IPv4Address | None:
+        return None
+
     async def acquire_lease(
         self, cfg: NetworkConfig, public_ip: ipaddress.IPv4Address, prev: Any
     ) -> Lease:
@@ -151,7 +154,7 @@ def make_node(
     parts = Parts(
         manager=manager,
         make_plane=make_plane,
-        find_interface=lambda: EXT,
+        find_interface=lambda wanted: EXT,
         tun_mtu=lambda ext: ext.mtu - 28,
         make_rules=lambda: rules,
     )

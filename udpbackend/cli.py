@@ -22,6 +22,12 @@ log = logging.getLogger("udpbackend")
 ENV_PREFIX = "FLANNELD_"
 DEFAULT_ENDPOINTS = "http://127.0.0.1:4001,http://127.0.0.1:2379"
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
+# flanneld flags for features this data plane lacks (udp backend, IPv4): flag -> its default
+UNSUPPORTED: dict[str, str | bool] = {
+    "--public-ipv6": "",
+    "--ip-masq-fully-random-disable": False,
+    "--ip-blackhole-route": False,
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +77,15 @@ def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="MINUTES",
         help="renew the lease this long before it expires (1..1439, default %(default)s)",
     )
+    g = r.add_argument_group("Kubernetes (flanneld's flags)")
+    _bool_flag(
+        g, "--kube-subnet-mgr", False, "take the subnet from the Node's podCIDR, peers from Nodes"
+    )
+    g.add_argument("--kube-api-url", default="", help="API server URL (default: in-cluster)")
+    g.add_argument("--kubeconfig-file", default="", help="kubeconfig (default: in-cluster)")
+    g.add_argument("--kube-annotation-prefix", default="flannel.alpha.coreos.com")
+    g.add_argument("--net-config-path", default="/etc/kube-flannel/net-conf.json")
+    _bool_flag(g, "--set-node-network-unavailable", True, "set NetworkUnavailable=False once ready")
     g = r.add_argument_group("node (flanneld's flags)")
     g.add_argument(
         "--iface",
@@ -94,6 +109,12 @@ def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--healthz-ip", default="0.0.0.0")
     g.add_argument("--healthz-port", type=int, default=0, help="0 disables /healthz and /readyz")
     g.add_argument("-v", "--v", dest="verbose", type=int, default=0, metavar="LEVEL")
+    g = r.add_argument_group("flanneld's flags for what udpbackend does not do (a warning)")
+    for name, default in UNSUPPORTED.items():
+        if isinstance(default, bool):
+            _bool_flag(g, name, default, "accepted, warned about, no effect")
+        else:
+            g.add_argument(name, default=default, help="accepted, warned about, no effect")
 
     g = r.add_argument_group("static mode (no etcd)")
     g.add_argument("--network", help="the overlay network, e.g. 10.5.0.0/16")
@@ -231,6 +252,21 @@ def apply_env(run: argparse.ArgumentParser, argv: list[str], environ: dict[str, 
         run.set_defaults(**{action.dest: [value] if isinstance(action.default, list) else value})
 
 
+def unsupported_warnings(args: argparse.Namespace, environ: dict[str, str]) -> list[str]:
+    """One line per flanneld feature asked for that udpbackend does not have, and per
+    FLANNELD_* variable that names no flag at all (flanneld ignores both silently)."""
+    out = []
+    for name, default in UNSUPPORTED.items():
+        value = getattr(args, name.lstrip("-").replace("-", "_"))
+        if value != default:
+            out.append(f"{name}={value}: flanneld feature not supported by udpbackend, ignored")
+    known = known_env_vars()
+    for var in sorted(environ):
+        if var.startswith(ENV_PREFIX) and var not in known:
+            out.append(f"{var}: no such flanneld flag, ignored")
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
     from .errors import StartupError
     from .node.compose import run_node
@@ -267,10 +303,24 @@ def _run(args: argparse.Namespace) -> int:
         etcd_username=args.etcd_username,
         etcd_password=args.etcd_password,
         renew_margin_minutes=args.subnet_lease_renew_margin,
+        kube_subnet_mgr=args.kube_subnet_mgr,
+        kube_api_url=args.kube_api_url,
+        kubeconfig_file=args.kubeconfig_file,
+        kube_annotation_prefix=args.kube_annotation_prefix,
+        net_config_path=args.net_config_path,
+        set_node_network_unavailable=args.set_node_network_unavailable,
     )
+    for line in unsupported_warnings(args, dict(os.environ)):
+        log.warning("%s", line)
     if not 0 <= args.rt_priority <= 99:
         raise ConfigError(f"--rt-priority: {args.rt_priority} is outside 0..99")
     static = None
+    if args.kube_subnet_mgr and (args.network or args.subnet):
+        raise ConfigError("--kube-subnet-mgr takes the subnet from the Node: no --network/--subnet")
+    if args.kube_subnet_mgr:
+        from .control.annotations import annotations_for
+
+        annotations_for(args.kube_annotation_prefix)  # a bad prefix is a flag error (exit 2)
     if args.network or args.subnet:
         if not (args.network and args.subnet):
             raise ConfigError("static mode needs both --network and --subnet")
@@ -357,3 +407,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def flanneld_main(argv: list[str] | None = None) -> int:
+    """`flanneld`: flanneld's own command line, no subcommand, so kube-flannel.yml's
+    `command:` and a systemd `ExecStart=` carry over unchanged; `--version` prints the
+    version on stderr, as flanneld does."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a.split("=", 1)[0] in ("--version", "-version") for a in args):
+        sys.stderr.write(f"v{__version__}\n")
+        return 0
+    return main(["run", *args])

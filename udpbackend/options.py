@@ -38,3 +38,9 @@ class RunOptions:
     etcd_username: str = ""
     etcd_password: str = ""
     renew_margin_minutes: int = 60
+    kube_subnet_mgr: bool = False
+    kube_api_url: str = ""
+    kubeconfig_file: str = ""
+    kube_annotation_prefix: str = "flannel.alpha.coreos.com"
+    net_config_path: str = "/etc/kube-flannel/net-conf.json"
+    set_node_network_unavailable: bool = True

@@ -135,6 +135,10 @@ class LocalManager:
         kvs, revision = await self.registry.list_subnets()
         return await self._leases_of(kvs), revision
 
+    async def stored_public_ip(self) -> IPv4Address | None:
+        """etcd mode stores no per-node public IP: --public-ip or the interface decide."""
+        return None
+
     async def acquire_lease(
         self,
         cfg: NetworkConfig,

@@ -30,6 +30,11 @@ class SubnetManager(Protocol):
         """The checked network config."""
         ...
 
+    async def stored_public_ip(self) -> IPv4Address | None:
+        """A public IP a person stored in the datastore for this node (kube: the
+        node-public-ip annotation); it overrides --public-ip.  None: there is none."""
+        ...
+
     async def acquire_lease(
         self, cfg: NetworkConfig, public_ip: IPv4Address, prev_subnet: IPv4Network | None
     ) -> Lease:

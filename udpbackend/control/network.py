@@ -193,10 +193,12 @@ def _parse_backend(fields: dict[str, object]) -> tuple[str, int, dict[str, objec
     return (btype or "").lower(), port, plain
 
 
-def parse_network_config(raw: bytes | str) -> NetworkConfig:
+def parse_network_config(raw: bytes | str, *, kube: bool = False) -> NetworkConfig:
     """Decode and check <prefix>/config as flanneld does in etcd mode (Go JSON semantics,
     flannel's defaults and error texts), then require what this daemon can run: the udp
-    backend on IPv4.  Any problem is one ConfigError line."""
+    backend on IPv4.  kube: net-conf.json, where flannel leaves SubnetLen/Min/Max unchecked
+    (kube-controller-manager allocates): only a Network is required.  Any problem is one
+    ConfigError line."""
     doc = _decode_json(raw, "network config")
     if doc is None:  # Go: unmarshalling null is a no-op, leaving the defaults
         doc = _JsonObject([])
@@ -220,9 +222,14 @@ def parse_network_config(raw: bytes | str) -> NetworkConfig:
     smax6 = _go_ipv6(f, "IPv6SubnetMax")
     btype, port, backend = _parse_backend(f)
 
-    if enable_ipv4:
+    if enable_ipv4 and kube:
+        if network is None or (int(network.network_address) == 0 and network.prefixlen == 0):
+            raise ConfigError("please define a correct Network parameter in the flannel config")
+        subnet_len = subnet_len or 24
+        smin, smax = smin or network.network_address, smax or network.broadcast_address
+    elif enable_ipv4:
         network, subnet_len, smin, smax = _check_ipv4(network, subnet_len, smin, smax)
-    if enable_ipv6:
+    if enable_ipv6 and not kube:
         ipv6_network, ipv6_subnet_len, smin6, smax6 = _check_ipv6(
             ipv6_network, ipv6_subnet_len, smin6, smax6
         )

@@ -137,6 +137,9 @@ class StaticManager:
             backend_port=self.cfg.port,
         )
 
+    async def stored_public_ip(self) -> IPv4Address | None:
+        return None
+
     async def acquire_lease(
         self, cfg: NetworkConfig, public_ip: IPv4Address, prev_subnet: IPv4Network | None
     ) -> Lease:

@@ -1,5 +1,5 @@
 """The composition root: options in, a running node out.  Picks the subnet manager (static
-flags or etcd; kube next), the data-plane factory and the host's parts, and runs the one
+flags, etcd or kube), the data-plane factory and the host's parts, and runs the one
 lifecycle on uvloop.  Must not: hold lifecycle logic (lifecycle.py) or parse flags (cli.py).
 """
 
@@ -48,14 +48,32 @@ def data_plane(
     return DataPlane(network, subnet, port, ext.address, ext.name, mtu, opts)
 
 
+def kube_manager(opts: RunOptions) -> SubnetManager:
+    from ..control.kube import kube_manager_from_env
+
+    return kube_manager_from_env(
+        opts.kube_api_url,
+        opts.kubeconfig_file,
+        opts.net_config_path,
+        opts.kube_annotation_prefix,
+        opts.set_node_network_unavailable,
+    )
+
+
 def build_parts(static: NodeConfig | None, opts: RunOptions) -> Parts:
     """The production parts for these options."""
-    manager = StaticManager(static) if static is not None else etcd_manager(opts)
+    manager: SubnetManager
+    if static is not None:
+        manager = StaticManager(static)
+    elif opts.kube_subnet_mgr:
+        manager = kube_manager(opts)
+    else:
+        manager = etcd_manager(opts)
     return Parts(
         manager=manager,
         make_plane=partial(data_plane, opts),
         find_interface=partial(
-            find_interface, opts.ifaces, opts.iface_regexes, opts.iface_can_reach, opts.public_ip
+            find_interface, opts.ifaces, opts.iface_regexes, opts.iface_can_reach
         ),
         tun_mtu=tun_mtu,
         make_rules=Iptables,

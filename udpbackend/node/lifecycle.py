@@ -76,7 +76,8 @@ class Parts:
 
     manager: SubnetManager
     make_plane: PlaneFactory
-    find_interface: Callable[[], ExternalInterface]  # blocking: run in a thread
+    # (the public IP to look for, or None) -> the external interface; blocking: run in a thread
+    find_interface: Callable[[ipaddress.IPv4Address | None], ExternalInterface]
     tun_mtu: Callable[[ExternalInterface], int]  # raises StartupError when too small
     make_rules: Callable[[], Rules]  # called only when --ip-masq or forward rules are on
 
@@ -181,9 +182,11 @@ class Node:
                 await asyncio.wait_for(self.stop.wait(), retry)
         return None
 
-    async def _interface(self) -> tuple[ExternalInterface, int]:
+    async def _interface(
+        self, public_ip: ipaddress.IPv4Address | None
+    ) -> tuple[ExternalInterface, int]:
         try:
-            ext = await asyncio.to_thread(self.parts.find_interface)
+            ext = await asyncio.to_thread(self.parts.find_interface, public_ip)
         except IfaceError as e:
             raise StartupError(str(e)) from None
         return ext, self.parts.tun_mtu(ext)
@@ -196,8 +199,14 @@ class Node:
         )
         if cfg is None:
             return False
-        ext, mtu = await self._interface()
-        public_ip = opts.public_ip or ext.address
+        stored = await self._until(
+            manager.stored_public_ip, CONFIG_RETRY, "couldn't read this node's stored public IP"
+        )
+        if self.stop.is_set():
+            return False
+        wanted = stored or opts.public_ip  # flannel: the node-public-ip annotation wins
+        ext, mtu = await self._interface(wanted)
+        public_ip = wanted or ext.address
         prev = previous_subnet(opts.subnet_file)
 
         async def acquire() -> Lease:
