@@ -11,8 +11,7 @@ import time
 from types import ModuleType
 
 import pytest
-from packets import forwarded, header_ok, icmp_error, ip, ipv4, ipv4_udp, mutate, nonzero
-from test_offload import (
+from packets import (
     ACK,
     GSO_NONE,
     GSO_UDP_L4,
@@ -22,7 +21,15 @@ from test_offload import (
     complete,
     expect_tcp,
     flow,
+    forwarded,
+    header_ok,
+    icmp_error,
+    ip,
+    ipv4,
+    ipv4_udp,
     l4_ok,
+    mutate,
+    nonzero,
     payload,
     ref_merge,
     tcp4,

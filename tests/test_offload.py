@@ -1,195 +1,60 @@
 # TUN offloads, sans IO: gso_split (fp_gso_split) and gro_coalesce (fp_gro_coalesce) over both
-# implementations, checked against segments and super-packets built independently here (struct +
-# packets.cksum only), then hypothesis properties: random super-packets split into valid
+# implementations, checked against segments and super-packets built independently (tests/packets.py:
+# struct + cksum only), then hypothesis properties: random super-packets split into valid
 # MTU-sized packets, split -> coalesce -> split round trips, and fuzzed input never crashing,
 # raising only the documented exceptions, C == Python byte for byte.
 from __future__ import annotations
 
-import random
 import struct
 from types import ModuleType
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from packets import cksum, header_ok, ipv4, mutate
+from packets import (
+    ACK,
+    CWR,
+    DF,
+    ECE,
+    FIN,
+    GSO_ECN,
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_UDP_L4,
+    L4_DPORT,
+    L4_DST,
+    L4_SPORT,
+    L4_SRC,
+    NEEDS_CSUM,
+    PSH,
+    RST,
+    SYN,
+    TS_OPTS,
+    URG,
+    cksum,
+    complete,
+    expect_tcp,
+    expect_udp,
+    flow,
+    header_ok,
+    ipv4,
+    l4_ok,
+    mutate,
+    payload,
+    pseudo,
+    ref_merge,
+    set_l4_csum,
+    tcp4,
+    tcp_hdr,
+    tso,
+    udp4,
+    uso,
+    vnet,
+)
 
-SRC, DST = "198.19.1.5", "198.19.2.7"
-SPORT, DPORT = 40000, 5201
-FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
-NEEDS_CSUM = 1
-GSO_NONE, GSO_TCPV4, GSO_UDP_L4, GSO_ECN = 0, 1, 5, 0x80
-DF = 0x4000
-TS_OPTS = b"\x01\x01\x08\x0a" + struct.pack(">II", 123456, 654321)  # NOP NOP timestamps
+SRC, DST, SPORT, DPORT = L4_SRC, L4_DST, L4_SPORT, L4_DPORT
+
 ERRORS = (ValueError, OverflowError, MemoryError)  # -EINVAL, -EMSGSIZE, -ENOSPC
-
-# --- independent builders --------------------------------------------------------------------
-
-
-def vnet(
-    flags: int = 0,
-    gso_type: int = GSO_NONE,
-    hdr_len: int = 0,
-    gso_size: int = 0,
-    csum_start: int = 0,
-    csum_off: int = 0,
-) -> bytes:
-    """A virtio-net header (little-endian, 10 bytes)."""
-    return struct.pack("<BBHHHH", flags, gso_type, hdr_len, gso_size, csum_start, csum_off)
-
-
-def payload(n: int, seed: int = 0) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
-def pseudo(pkt: bytes | bytearray) -> bytes:
-    ihl = (pkt[0] & 15) * 4
-    return bytes(pkt[12:20]) + struct.pack(">BBH", 0, pkt[9], len(pkt) - ihl)
-
-
-def set_l4_csum(pkt: bytes | bytearray, mode: str = "full") -> bytes:
-    """pkt (IPv4 + TCP/UDP) with its L4 checksum: "full", "partial" (CHECKSUM_PARTIAL: the
-    folded pseudo-header sum, as the kernel hands it over with NEEDS_CSUM) or "zero"."""
-    b = bytearray(pkt)
-    ihl = (b[0] & 15) * 4
-    off = ihl + (16 if b[9] == 6 else 6)
-    b[off : off + 2] = b"\0\0"
-    if mode == "full":
-        c = cksum(pseudo(b) + b[ihl:])
-        if b[9] == 17 and c == 0:
-            c = 0xFFFF
-    elif mode == "partial":
-        c = ~cksum(pseudo(b)) & 0xFFFF
-    else:
-        c = 0
-    struct.pack_into(">H", b, off, c)
-    return bytes(b)
-
-
-def l4_ok(pkt: bytes) -> bool:
-    """The TCP/UDP checksum of pkt verifies (UDP: and is not 0, i.e. not "none")."""
-    ihl = (pkt[0] & 15) * 4
-    if pkt[9] == 17 and pkt[ihl + 6 : ihl + 8] == b"\0\0":
-        return False
-    return cksum(pseudo(pkt) + pkt[ihl:]) == 0
-
-
-def tcp_hdr(
-    seq: int, ack: int, flags: int, win: int, opts: bytes, sport: int, dport: int, urg: int
-) -> bytes:
-    assert len(opts) % 4 == 0 and len(opts) <= 40
-    off = (20 + len(opts)) // 4
-    return struct.pack(">HHIIBBHHH", sport, dport, seq, ack, off << 4, flags, win, 0, urg) + opts
-
-
-def tcp4(
-    data: bytes = b"",
-    seq: int = 1000,
-    ack: int = 2000,
-    flags: int = ACK,
-    win: int = 502,
-    opts: bytes = b"",
-    sport: int = SPORT,
-    dport: int = DPORT,
-    urg: int = 0,
-    csum: str = "full",
-    src: str = SRC,
-    dst: str = DST,
-    ident: int = 0x1234,
-    flags_frag: int = DF,
-    ttl: int = 64,
-    tos: int = 0,
-    ipopts: bytes = b"",
-) -> bytes:
-    """An IPv4 TCP segment with a correct IP header checksum and the L4 checksum `csum`."""
-    l4 = tcp_hdr(seq, ack, flags, win, opts, sport, dport, urg) + data
-    pkt = ipv4(
-        src, dst, 6, l4, ttl=ttl, ident=ident, flags_frag=flags_frag, tos=tos, options=ipopts
-    )
-    return set_l4_csum(pkt, csum)
-
-
-def udp4(
-    data: bytes = b"",
-    csum: str = "full",
-    ident: int = 0x1234,
-    flags_frag: int = 0,
-    ipopts: bytes = b"",
-    sport: int = 8472,
-    dport: int = 53,
-) -> bytes:
-    l4 = struct.pack(">HHHH", sport, dport, 8 + len(data), 0) + data
-    pkt = ipv4(SRC, DST, 17, l4, ident=ident, flags_frag=flags_frag, options=ipopts)
-    return set_l4_csum(pkt, csum)
-
-
-def tso(data: bytes, mss: int, gso_type: int = GSO_TCPV4, vflags: int = NEEDS_CSUM, **kw) -> bytes:
-    """A TSO super-packet as a TSO4 TUN hands it over: virtio-net header + IPv4/TCP with the
-    partial checksum."""
-    pkt = tcp4(data, csum="partial", **kw)
-    ihl = (pkt[0] & 15) * 4
-    hl = ihl + (pkt[ihl + 12] >> 4) * 4
-    return vnet(vflags, gso_type, hl, mss, ihl, 16) + pkt
-
-
-def uso(data: bytes, gso: int, **kw) -> bytes:
-    pkt = udp4(data, csum="partial", **kw)
-    ihl = (pkt[0] & 15) * 4
-    return vnet(NEEDS_CSUM, GSO_UDP_L4, ihl + 8, gso, ihl, 6) + pkt
-
-
-def expect_tcp(data: bytes, mss: int, seq: int = 1000, flags: int = ACK, ident: int = 0x1234, **kw):
-    """The segments a correct TSO split yields, built from scratch: FIN/PSH only on the last,
-    CWR only on the first, id + i, seq + i * mss, full checksums."""
-    chunks = [data[i : i + mss] for i in range(0, len(data), mss)] or [b""]
-    out = []
-    for i, chunk in enumerate(chunks):
-        f = flags
-        if i != len(chunks) - 1:
-            f &= ~(FIN | PSH)
-        if i:
-            f &= ~CWR
-        s, ident_i = (seq + i * mss) % 2**32, (ident + i) & 0xFFFF
-        out.append(tcp4(chunk, seq=s, flags=f, ident=ident_i, **kw))
-    return out
-
-
-def expect_udp(data: bytes, gso: int, ident: int = 0x1234, **kw):
-    chunks = [data[i : i + gso] for i in range(0, len(data), gso)] or [b""]
-    return [udp4(c, ident=(ident + i) & 0xFFFF, **kw) for i, c in enumerate(chunks)]
-
-
-def flow(sizes: list[int], seq: int = 1000, ident: int = 100, **kw) -> list[bytes]:
-    """Consecutive segments of one TCP flow, payload sizes as given, full checksums."""
-    out = []
-    for i, n in enumerate(sizes):
-        out.append(tcp4(payload(n, seed=i), seq=seq, ident=ident + i, **kw))
-        seq = (seq + n) % 2**32
-    return out
-
-
-def ref_merge(run: list[bytes]) -> bytes:
-    """What one TUN write carrying `run` must be, built independently: a single packet behind a
-    zero header; a run as one super-packet (first's headers, PSH of the last, IP length and
-    checksum redone, the partial TCP checksum) behind a TCPV4/NEEDS_CSUM header."""
-    if len(run) == 1:
-        return bytes(10) + run[0]
-    first = run[0]
-    hl = 20 + (first[32] >> 4) * 4
-    b = bytearray(first[:hl] + b"".join(p[hl:] for p in run))
-    b[33] |= run[-1][33] & PSH
-    b = bytearray(mutate(bytes(b), total_length=len(b)))
-    return vnet(NEEDS_CSUM, GSO_TCPV4, hl, len(first) - hl, 20, 16) + set_l4_csum(b, "partial")
-
-
-def complete(frame: bytes) -> bytes:
-    """The packet of a virtio-net frame with its checksum completed the way the kernel does for
-    NEEDS_CSUM: the 16-bit sum from csum_start on (field holding the pseudo-header sum)."""
-    flags, _, _, _, start, off = struct.unpack_from("<BBHHHH", frame)
-    pkt = bytearray(frame[10:])
-    if flags & NEEDS_CSUM:
-        struct.pack_into(">H", pkt, start + off, cksum(pkt[start:]))
-    return bytes(pkt)
 
 
 def split_runs(pkts: list[bytes], sizes: list[int]) -> list[list[bytes]]:

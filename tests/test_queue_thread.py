@@ -9,19 +9,18 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from types import ModuleType
 
 import pytest
 from packets import forwarded, ip, ipv4_udp
 
 from udpbackend.dataplane.forwarder import QueueThread
 
-fastpath = pytest.importorskip("udpbackend.dataplane.fastpath")
-
 SRC, DST = "198.18.5.5", "198.19.1.5"
 
 
 class Rig:
-    def __init__(self) -> None:
+    def __init__(self, fastpath: ModuleType) -> None:
         self.tun_end, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -57,8 +56,8 @@ class Rig:
 
 
 @pytest.fixture
-def rig() -> Iterator[Rig]:
-    r = Rig()
+def rig(c_impl: ModuleType) -> Iterator[Rig]:
+    r = Rig(c_impl)
     try:
         yield r
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import socket
 from collections.abc import Iterator
+from types import ModuleType
 
 import pytest
 from hypothesis import given, settings
@@ -12,8 +13,6 @@ from hypothesis import strategies as st
 from packets import ipv4, ipv4_udp, mutate
 
 from udpbackend.dataplane import packet
-
-fastpath = pytest.importorskip("udpbackend.dataplane.fastpath")
 
 TCP = 6
 
@@ -25,7 +24,7 @@ def tcp_hdr(sport: int, dport: int) -> bytes:
 class Group:
     """n reuseport sockets bound to one port, steered, and a sender."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, fastpath: ModuleType, n: int) -> None:
         self.n = n
         self.socks: list[socket.socket] = []
         port = 0
@@ -58,8 +57,8 @@ class Group:
 
 
 @pytest.fixture
-def group4() -> Iterator[Group]:
-    g = Group(4)
+def group4(c_impl: ModuleType) -> Iterator[Group]:
+    g = Group(c_impl, 4)
     try:
         yield g
     finally:
@@ -103,8 +102,8 @@ def test_one_flow_one_socket_and_flows_spread(group4: Group) -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=80))
-def test_any_bytes_go_where_the_twin_says(payload: bytes) -> None:
-    g = Group(3)
+def test_any_bytes_go_where_the_twin_says(c_impl: ModuleType, payload: bytes) -> None:
+    g = Group(c_impl, 3)
     try:
         assert g.where(payload) == packet.steer_index(payload, 3)
     finally:
@@ -112,22 +111,22 @@ def test_any_bytes_go_where_the_twin_says(payload: bytes) -> None:
 
 
 @pytest.mark.parametrize("n", [0, packet.STEER_MAX_SOCKS + 1])
-def test_socket_count_out_of_range(n: int) -> None:
+def test_socket_count_out_of_range(c_impl: ModuleType, n: int) -> None:
     with pytest.raises(ValueError):
         packet.steer_index(b"", n)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         with pytest.raises(ValueError):
-            fastpath.reuseport_steer(s, n)
+            c_impl.reuseport_steer(s, n)
     finally:
         s.close()
 
 
-def test_a_socket_without_reuseport_group_is_refused() -> None:
+def test_a_socket_without_reuseport_group_is_refused(c_impl: ModuleType) -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         s.bind(("127.0.0.1", 0))
         with pytest.raises(OSError):
-            fastpath.reuseport_steer(s, 2)
+            c_impl.reuseport_steer(s, 2)
     finally:
         s.close()
