@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
+import logging
 import os
 import struct
 from collections.abc import Iterable
@@ -33,6 +34,9 @@ TUN_F_USO4 = 0x20  # kernel >= 6.2
 # 1.3-1.4 Gbit/s, 5000: none but 1.05 Gbit/s and up to ~40 ms of queue - and not for the
 # offload path, whose queue holds super-packets (no retransmits at any length).
 TXQUEUELEN = 1000
+
+
+log = logging.getLogger("udpbackend")
 
 
 class TunError(RuntimeError):
@@ -116,8 +120,24 @@ def _tune_sysctls(name: str) -> None:
     # The ICMP errors the data plane writes into the TUN come from the TUN's own address;
     # without accept_local the kernel drops them as martians and the sender never learns
     # of the unreachable network or the expired TTL.
-    if not _sysctl(f"/proc/sys/net/ipv4/conf/{name}/accept_local", "1"):
-        raise TunError(f"cannot set net.ipv4.conf.{name}.accept_local")
+    # In a container /proc/sys is read-only (kube-flannel.yml runs flanneld unprivileged):
+    # forwarding does not need the sysctl, so a node there runs, said once and loudly.
+    path = f"/proc/sys/net/ipv4/conf/{name}/accept_local"
+    if not _sysctl(path, "1") and _read(path) != "1":
+        log.warning(
+            "cannot set net.ipv4.conf.%s.accept_local=1 (/proc/sys read-only?): ICMP errors "
+            "the data plane generates will not reach senders on this host; set "
+            "net.ipv4.conf.default.accept_local=1 before the node starts to have them",
+            name,
+        )
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def set_offloads(fd: int) -> tuple[str, ...]:
