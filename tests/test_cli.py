@@ -177,3 +177,93 @@ def test_queues_auto_is_one_per_usable_cpu(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(200)))
     assert cli.parse_queues("auto") == cli.MAX_QUEUES
     assert cli.parse_queues("5") == 5
+
+
+# --- kube mode and flanneld's own command line ---------------------------------------------
+
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "http://127.0.0.1:9"}}]
+users: [{name: u, user: {token: t}}]
+contexts: [{name: x, context: {cluster: c, user: u}}]
+current-context: x
+"""
+
+
+def test_flanneld_version_is_one_line_on_stderr(capsys):
+    assert cli.flanneld_main(["--version"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.strip().startswith("v") and out.err.count("\n") == 1
+
+
+def test_flanneld_takes_flanneld_argv_without_a_subcommand(capsys, monkeypatch):
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 1000)
+    rc = cli.flanneld_main(["--ip-masq", "--kube-subnet-mgr"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "must run as root" in one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["run", "--kube-subnet-mgr", *NET], "no --network/--subnet"),
+        (["run", "--kube-subnet-mgr", "--kube-annotation-prefix", "a/b/c"], "single slash"),
+        (["run", "--kube-subnet-mgr", "--kube-annotation-prefix", "NoDots"], "fqdn"),
+    ],
+)
+def test_bad_kube_flags_are_one_line_exit_2(capsys, monkeypatch, argv, needle):
+    rc, err = run(capsys, argv, monkeypatch=monkeypatch)
+    assert rc == 2 and needle in one_line(err)
+
+
+def test_kube_mode_startup_problems_are_one_line_exit_1(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    for var in ("NODE_NAME", "POD_NAME", "POD_NAMESPACE"):
+        monkeypatch.delenv(var, raising=False)
+    kc = tmp_path / "kubeconfig"
+    kc.write_text(KUBECONFIG)
+    conf = tmp_path / "net-conf.json"
+    base = ["run", "--kube-subnet-mgr", f"--net-config-path={conf}", "--subnet-file", ""]
+
+    rc, err = run(capsys, base, monkeypatch=monkeypatch)  # no kubeconfig, not in a cluster
+    assert rc == 1 and "fail to create kubernetes config (in-cluster config)" in one_line(err)
+    rc, err = run(capsys, [*base, f"--kubeconfig-file={kc}"], monkeypatch=monkeypatch)
+    assert rc == 1 and "POD_NAME and POD_NAMESPACE must be set" in one_line(err)
+    monkeypatch.setenv("NODE_NAME", "n1")
+    rc, err = run(capsys, [*base, f"--kubeconfig-file={kc}"], monkeypatch=monkeypatch)
+    assert rc == 1 and "failed to read net conf" in one_line(err)
+    conf.write_text('{"Network": "198.18.0.0/15", "Backend": {"Type": "udp", "Port": "x"}}')
+    rc, err = run(capsys, [*base, f"--kubeconfig-file={kc}"], monkeypatch=monkeypatch)
+    assert rc == 1 and "Backend" in one_line(err) and "Port" in err
+    conf.write_text('{"Network": "198.18.0.0/15", "Backend": {"Type": "vxlan"}}')
+    rc, err = run(capsys, [*base, f"--kubeconfig-file={kc}"], monkeypatch=monkeypatch)
+    assert rc == 1 and "vxlan" in one_line(err)
+
+
+def test_kube_flags_from_flanneld_environment():
+    parser, run_p = cli._parser()
+    env = {
+        "FLANNELD_KUBE_SUBNET_MGR": "true",
+        "FLANNELD_KUBE_API_URL": "https://198.18.0.1:6443",
+        "FLANNELD_NET_CONFIG_PATH": "/tmp/n.json",
+        "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE": "false",
+    }
+    cli.apply_env(run_p, ["run"], env)
+    args = parser.parse_args(["run"])
+    assert args.kube_subnet_mgr is True and args.kube_api_url == "https://198.18.0.1:6443"
+    assert args.net_config_path == "/tmp/n.json" and args.set_node_network_unavailable is False
+
+
+def test_flanneld_features_we_lack_are_named_never_silent():
+    parser, run_p = cli._parser()
+    env = {"FLANNELD_IP_BLACKHOLE_ROUTE": "true", "FLANNELD_NO_SUCH_THING": "1"}
+    cli.apply_env(run_p, ["run"], env)
+    args = parser.parse_args(["run", "--public-ipv6=fd00::1"])
+    lines = cli.unsupported_warnings(args, env)
+    assert lines == [
+        "--public-ipv6=fd00::1: flanneld feature not supported by udpbackend, ignored",
+        "--ip-blackhole-route=True: flanneld feature not supported by udpbackend, ignored",
+        "FLANNELD_NO_SUCH_THING: no such flanneld flag, ignored",
+    ]
+    fresh, _ = cli._parser()
+    assert cli.unsupported_warnings(fresh.parse_args(["run"]), {}) == []
