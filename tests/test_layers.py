@@ -71,16 +71,18 @@ MODULES: dict[str, frozenset[str]] = {
             "control.network",
             "control.lease",
             "control.allocate",
+            "control.manager",
         }
     ),
     "control.static": frozenset({"errors", "options", "control.lease", "control.network"}),
-    "control.etcd": frozenset({"errors", "control.registry"}),
+    "control.etcd": frozenset({"errors", "control.manager", "control.registry"}),
     "control.annotations": frozenset({"errors", "control.lease"}),
     "control.kube": frozenset(
         {
             "errors",
             "control.annotations",
             "control.lease",
+            "control.manager",
             "control.network",
             "control.registry",
         }

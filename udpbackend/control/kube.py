@@ -34,6 +34,7 @@ from .annotations import (
     stored_public_ip,
 )
 from .lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventKind, LeaseWatcher
+from .manager import RECONNECT_FIRST, RECONNECT_MAX
 from .network import NetworkConfig, parse_network_config
 from .registry import RegistryUnavailable
 
@@ -43,8 +44,6 @@ DEFAULT_NET_CONF = "/etc/kube-flannel/net-conf.json"
 PATCH_RETRY = 3.0  # flannel retries its Node patch every 3 s ...
 PATCH_TIMEOUT = 30.0  # ... for up to 30 s
 WATCH_TIMEOUT = 300  # seconds a watch request may stay open (the server may end it sooner)
-BACKOFF_FIRST = 0.1  # reconnect backoff after a lost API server, as the etcd watch does
-BACKOFF_MAX = 5.0
 
 T = TypeVar("T")
 
@@ -271,14 +270,14 @@ class KubeManager:
     ) -> AsyncIterator[list[LeaseEvent]]:
         """The peers' leases: LIST, then WATCH from its resourceVersion (lightkube resumes a
         stream the server ended from the last version it saw).  410 Gone: LIST again and
-        yield the difference.  A lost API server: back off 0.1 s doubling to 5 s, resume
+        yield the difference.  A lost API server: back off 0.1 s doubling to 0.8 s, resume
         from the last version; on_state(False/True) once per outage.  An update is passed
         on only when backend-data, backend-type, public-ip or the podCIDR changed."""
         watcher = LeaseWatcher(own_subnet)
         by_name: dict[str, Lease] = {}
         fields: dict[str, tuple[str, ...]] = {}
         rv: str | None = None
-        first, connected, backoff, relisted = True, True, BACKOFF_FIRST, False
+        first, connected, backoff, relisted = True, True, RECONNECT_FIRST, False
         while True:
             try:
                 if rv is None:
@@ -295,7 +294,7 @@ class KubeManager:
                 async for kind, obj in self.client.watch(
                     Node, resource_version=rv, server_timeout=WATCH_TIMEOUT
                 ):
-                    backoff, relisted = BACKOFF_FIRST, False
+                    backoff, relisted = RECONNECT_FIRST, False
                     if not connected:
                         connected = True
                         self._state(True)
@@ -328,7 +327,7 @@ class KubeManager:
             except ConfigError as e:
                 log.warning("%s (retrying)", e)
             await self.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            backoff = min(backoff * 2, RECONNECT_MAX)
 
     def _state(self, connected: bool) -> None:
         if self.on_state is not None:

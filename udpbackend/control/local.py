@@ -33,6 +33,7 @@ from .lease import (
     parse_subnet_key,
     subnet_kv_key,
 )
+from .manager import RECONNECT_FIRST, RECONNECT_MAX
 from .network import (
     NetworkConfig,
     parse_network_config,
@@ -50,8 +51,6 @@ log = logging.getLogger(__name__)
 
 SUBNET_TTL = 86400  # flannel's subnetTTL: 24 h, renewed by re-PUT on a fresh lease
 RACE_RETRIES = 10  # flannel's raceRetries
-BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 5.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +262,7 @@ class LocalManager:
         2. Each response: parse (malformed entries skipped alone), update, yield; resume
            point = response revision + 1.
         3. CompactedError: back to 1 (the diff against what was known is yielded).
-        4. RegistryUnavailable (or the stream ending): sleep 0.1 s doubling to 5 s, reset by
+        4. RegistryUnavailable (or the stream ending): sleep 0.1 s doubling to 0.8 s, reset by
            any watch response, and re-watch from the resume point (or re-list if step 1
            failed).  A compaction hit again before any response also backs off.
         on_state(False)/on_state(True) is called once per outage/recovery (default: the
@@ -275,14 +274,14 @@ class LocalManager:
         if on_state is None:
             on_state = self.on_state
         connected = True
-        backoff = BACKOFF_FIRST
+        backoff = RECONNECT_FIRST
         resume: int | None = None  # None: list first
         relisted = False  # a compaction already sent us to re-list, with no response since
 
         def succeeded(watch_response: bool) -> None:
             nonlocal connected, backoff, relisted
             if watch_response:  # a listing alone does not prove the watch can work
-                backoff = BACKOFF_FIRST
+                backoff = RECONNECT_FIRST
                 relisted = False
             if not connected:
                 connected = True
@@ -342,4 +341,4 @@ class LocalManager:
                     if on_state is not None:
                         on_state(False)
             await self.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            backoff = min(backoff * 2, RECONNECT_MAX)

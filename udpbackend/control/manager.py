@@ -12,6 +12,11 @@ from typing import Protocol
 from .lease import Lease, LeaseEvent
 from .network import NetworkConfig
 
+# How a lost datastore is retried by every manager's watch: 0.1 s doubling, capped so that a
+# node joining after an outage is learned within a second of the datastore's return.
+RECONNECT_FIRST = 0.1
+RECONNECT_MAX = 0.8
+
 
 class SubnetManager(Protocol):
     """One node's view of its subnet manager, driven by node.lifecycle.
