@@ -27,7 +27,7 @@ UNITS: dict[str, frozenset[str]] = {
     "__main__": frozenset({"cli"}),
     "errors": frozenset(),
     "options": frozenset(),
-    "cli": frozenset({"__init__", "errors", "options", "control", "node", "lab"}),
+    "cli": frozenset({"__init__", "errors", "options", "control", "host", "node", "lab"}),
     "node": frozenset({"errors", "options", "control", "dataplane", "host"}),
     "control": frozenset({"errors", "options"}),
     "dataplane": frozenset({"errors", "options"}),
@@ -62,7 +62,7 @@ MODULES: dict[str, frozenset[str]] = {
     "control.network": frozenset({"errors", "control.gojson"}),
     "control.lease": frozenset({"errors", "control.gojson", "control.registry"}),
     "control.allocate": frozenset({"errors", "control.network", "control.lease"}),
-    "control.manager": frozenset({"control.lease", "control.network"}),
+    "control.manager": frozenset({"errors", "control.lease", "control.network"}),
     "control.local": frozenset(
         {
             "errors",
@@ -89,6 +89,7 @@ MODULES: dict[str, frozenset[str]] = {
     ),
     "node.routes": frozenset({"control.lease"}),
     "node.health": frozenset(),
+    "node.notify": frozenset(),
     "node.metrics": frozenset(),
 }
 LAYERED_UNITS = frozenset({"dataplane", "control"})  # every module of these must be in MODULES
@@ -101,6 +102,7 @@ EXCLUSIVE = {
     "prometheus_client": frozenset({"node.metrics"}),
     "lightkube": frozenset({"control.kube"}),
     "httpx2": frozenset({"control.kube"}),
+    "sdnotify": frozenset({"node.notify"}),
     "cffi": frozenset(),
 }
 COMPILED = "dataplane._fastpath"
@@ -266,6 +268,7 @@ def package_modules() -> dict[str, str]:
         ("node.lifecycle", "from .. import cli\n"),
         ("cli", "import udpbackend.dataplane._fastpath\n"),
         ("cli", "from .dataplane import plane\n"),
+        ("host.dockeropts", "from ..node import lifecycle\n"),
         ("errors", "from .options import RunOptions\n"),
         ("newtop", "import os\n"),
         ("newpkg.thing", "import os\n"),

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from udpbackend.control.lease import Lease, LeaseAttrs, LeaseEvent, LeaseEventKind
+from udpbackend.control.local import ConfigMissing
 from udpbackend.control.network import NetworkConfig
 from udpbackend.control.registry import RegistryUnavailable
 from udpbackend.control.static import StaticManager, build_config, parse_peer
@@ -56,6 +57,10 @@ class FakePlane:
         self.events.append("start")
         self.on_error = on_error
 
+    @property
+    def tun_name(self) -> str:
+        return "flannel0"
+
     def describe(self) -> str:
         return "fake"
 
@@ -84,6 +89,20 @@ class FakeRules:
         self.removed = list(rules)
 
 
+class ConfigManager(StaticManager):
+    """A static manager whose get_network_config raises what the test says."""
+
+    def __init__(self, error: Exception, times: int) -> None:
+        super().__init__(build_config("198.18.0.0/16", "198.18.1.0/24", []))
+        self.error, self.times, self.calls = error, times, 0
+
+    async def get_network_config(self) -> NetworkConfig:
+        self.calls += 1
+        if self.calls <= self.times:
+            raise self.error
+        return await super().get_network_config()
+
+
 class ScriptedManager:
     """A SubnetManager whose answers the test scripts: config failures before success,
     watch batches pushed through a queue, renewals recorded."""
@@ -104,7 +123,7 @@ class ScriptedManager:
     async def get_network_config(self) -> NetworkConfig:
         self.config_calls += 1
         if self.config_calls <= self.config_failures:
-            raise ConfigError("flannel config not found")
+            raise ConfigMissing()
         return NetworkConfig(NET, 24, NET[256], NET[-256])
 
     async def stored_public_ip(self) -> ipaddress.IPv4Address | None:
@@ -304,7 +323,7 @@ def test_renewal_retries_after_an_outage(monkeypatch: pytest.MonkeyPatch) -> Non
     asyncio.run(main())
 
 
-def test_rules_installed_and_removed_and_datastore_state_logged(
+def test_rules_installed_kept_on_exit_and_datastore_state_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     mgr = ScriptedManager()
@@ -325,7 +344,7 @@ def test_rules_installed_and_removed_and_datastore_state_logged(
     asyncio.run(main())
     chains = {r.chain for r in rules.installed}
     assert {"FLANNEL-POSTRTG", "FLANNEL-FWD"} <= chains
-    assert rules.removed == rules.installed
+    assert rules.removed == []  # flanneld leaves its rules: pod egress stays masqueraded
     texts = [r.getMessage() for r in caplog.records]
     assert texts.count("etcd lost: forwarding on known routes") == 1
     assert texts.count("etcd back: watch resumed") == 1
@@ -360,3 +379,98 @@ def test_interface_too_small_is_a_startup_error() -> None:
     with pytest.raises(StartupError, match="too small"):
         asyncio.run(node.run())
     assert mgr.closed
+
+
+def test_rules_of_a_previous_subnet_are_replaced(tmp_path: Path) -> None:
+    env = tmp_path / "subnet.env"
+    env.write_text(
+        "FLANNEL_NETWORK=198.18.0.0/16\nFLANNEL_SUBNET=198.18.9.1/24\n"
+        "FLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n"
+    )
+    mgr = ScriptedManager()
+    opts = RunOptions(ip_masq=True, forward_rules=True, subnet_file=str(env))
+    node, _, rules = make_node(mgr, opts)
+
+    async def main() -> None:
+        run = asyncio.create_task(node.run())
+        mgr.batches.put_nowait([])
+        await until(lambda: node.ready)
+        node.stop.set()
+        await run
+
+    asyncio.run(main())
+    assert mgr.prev == ipaddress.IPv4Network("198.18.9.0/24")  # the hint the lease takes
+    specs = [" ".join(r.spec) for r in rules.removed]
+    assert rules.removed and all(r.table == "nat" for r in rules.removed)  # FWD rules unchanged
+    assert any("-s 198.18.9.0/24 -d 198.18.0.0/16" in s for s in specs), specs
+    assert not any("198.18.1.0/24" in s for s in specs)
+    assert any("-s 198.18.1.0/24" in " ".join(r.spec) for r in rules.installed)
+    assert "FLANNEL_SUBNET=198.18.1.1/24" in env.read_text()
+
+
+def test_systemd_is_told_ready_after_subnet_env_and_stopping_at_exit(tmp_path: Path) -> None:
+    env = tmp_path / "subnet.env"
+    mgr = ScriptedManager()
+    node, planes, _ = make_node(mgr, RunOptions(forward_rules=False, subnet_file=str(env)))
+    told: list[tuple[str, bool, bool]] = []
+    node.parts.notify = lambda state: told.append(
+        (state.split("\n")[0], env.exists(), "teardown" in planes[0].events)
+    )
+
+    async def main() -> None:
+        run = asyncio.create_task(node.run())
+        await asyncio.sleep(0.05)
+        assert told == []  # not before the peers are known and subnet.env is there
+        mgr.batches.put_nowait([])
+        await until(lambda: node.ready)
+        node.stop.set()
+        await run
+
+    asyncio.run(main())
+    assert told == [("READY=1", True, False), ("STOPPING=1", True, False)]
+
+
+def test_a_missing_config_is_waited_for_an_unusable_one_ends_the_node() -> None:
+    import udpbackend.node.lifecycle as lc
+    from udpbackend.control.local import ConfigMissing
+
+    saved, lc.CONFIG_RETRY = lc.CONFIG_RETRY, 0.01
+    try:
+        waits = ConfigManager(ConfigMissing(), times=3)
+        node, _, _ = make_node(waits)
+
+        async def main() -> int:
+            run = asyncio.create_task(node.run())
+            await until(lambda: node.ready)
+            node.stop.set()
+            return await run
+
+        assert asyncio.run(main()) == 0 and waits.calls == 4
+        bad = ConfigManager(ConfigError('Backend.Type: backend type "vxlan" is not supported'), 1)
+        node, planes, _ = make_node(bad)
+        with pytest.raises(
+            StartupError, match=r'network config: Backend\.Type: backend type "vxlan"'
+        ):
+            asyncio.run(node.run())
+        assert bad.calls == 1 and planes == []
+    finally:
+        lc.CONFIG_RETRY = saved
+
+
+def test_subnet_env_has_flannels_ipv6_lines_when_enabled() -> None:
+    from udpbackend.host.subnetenv import format_subnet_env
+
+    text = format_subnet_env(
+        NET,
+        MINE,
+        1472,
+        True,
+        ipaddress.IPv6Network("fd00:198:18::/48"),
+        ipaddress.IPv6Network("fd00:198:18:5::/64"),
+    )
+    assert text == (
+        "FLANNEL_NETWORK=198.18.0.0/16\nFLANNEL_SUBNET=198.18.1.1/24\n"
+        "FLANNEL_IPV6_NETWORK=fd00:198:18::/48\nFLANNEL_IPV6_SUBNET=fd00:198:18:5::1/64\n"
+        "FLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n"
+    )
+    assert "IPV6" not in format_subnet_env(NET, MINE, 1472, False)

@@ -14,7 +14,7 @@ import sys
 
 from . import __version__
 from .control.static import build_config, parse_ip, parse_peer, read_peers_file
-from .errors import ConfigError
+from .errors import ConfigError, StartupError
 from .options import MODES
 
 log = logging.getLogger("udpbackend")
@@ -165,7 +165,11 @@ def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "for a time slice behind busy processes (lower latency under load, but smaller "
         "batches: fewer small packets per second); 0: normal (default)",
     )
-    g.add_argument("--tun-name", default="flannel0", help="TUN device name (default %(default)s)")
+    g.add_argument(
+        "--tun-name",
+        default="flannel%d",
+        help="TUN device name (default: flannel%%d, the kernel picks the number, as flanneld)",
+    )
     g.add_argument("--stats-file", help="keep the data-plane counters here as JSON (every 1 s)")
     return r
 
@@ -175,6 +179,19 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--version", action="version", version=f"udpbackend {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = _add_run(sub)
+    o = sub.add_parser(
+        "docker-opts",
+        help="subnet.env -> docker daemon options, as flannel's mk-docker-opts.sh",
+        description="Writes docker's options (--bip, --mtu, --ip-masq) from flannel's "
+        "subnet.env into an env file for docker's unit, with mk-docker-opts.sh's flags, "
+        "variable names and quoting. Without -i or -c: both.",
+    )
+    o.add_argument("-f", dest="flannel_env", default="/run/flannel/subnet.env", metavar="FILE")
+    o.add_argument("-d", dest="docker_env", default="/run/docker_opts.env", metavar="FILE")
+    o.add_argument("-i", dest="individual", action="store_true", help="DOCKER_OPT_* lines")
+    o.add_argument("-c", dest="combined", action="store_true", help="one combined line")
+    o.add_argument("-k", dest="key", default="DOCKER_OPTS", help="the combined line's name")
+    o.add_argument("-m", dest="no_ip_masq", action="store_true", help="no --ip-masq option")
     d = sub.add_parser("demo", help="nodes in network namespaces: ping and throughput")
     d.add_argument("--mode", default="batched", choices=MODES)
     d.add_argument("--seconds", type=float, default=3.0, help="iperf3 duration")
@@ -268,7 +285,6 @@ def unsupported_warnings(args: argparse.Namespace, environ: dict[str, str]) -> l
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .errors import StartupError
     from .node.compose import run_node
     from .options import RunOptions
 
@@ -345,6 +361,37 @@ def _run(args: argparse.Namespace) -> int:
     return run_node(static, opts)
 
 
+def _docker_opts(args: argparse.Namespace) -> int:
+    from .host import dockeropts
+
+    try:
+        with open(args.flannel_env) as f:
+            text: str | None = f.read()
+    except FileNotFoundError:
+        text = None  # the script sources the file only "if [ -f ]"
+    except OSError as e:
+        raise ConfigError(f"-f {args.flannel_env}: {e.strerror}") from None
+    both = not (args.individual or args.combined)
+    opts = dockeropts.DockerOpts(
+        individual=args.individual or both,
+        combined=args.combined or both,
+        key=args.key,
+        ip_masq=not args.no_ip_masq,
+    )
+    values = dockeropts.flannel_values(text, os.environ)
+    out = dockeropts.render(values, opts, os.environ)
+    try:
+        with open(args.docker_env, "w") as f:
+            f.write(out)
+    except OSError as e:
+        raise ConfigError(f"-d {args.docker_env}: {e.strerror}") from None
+    subnet = dockeropts.bridge_subnet(values)
+    route = dockeropts.conflicting_route(subnet) if subnet else None
+    if route:
+        raise StartupError(f"Your routing table already contains the subnet: {route}")
+    return 0
+
+
 MAX_QUEUES = 64
 
 
@@ -375,11 +422,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s.%(msecs)03d udpbackend: %(message)s",
         datefmt="%Y-%m-%dT%H:%M:%S",
     )
-    from .errors import StartupError
 
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "docker-opts":
+            return _docker_opts(args)
         if args.command == "bench":
             from .lab.bench import BenchError
             from .lab.bench import run as run_bench

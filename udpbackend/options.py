@@ -13,7 +13,7 @@ DEFAULT_ETCD_PREFIX = "/coreos.com/network"
 
 @dataclass
 class RunOptions:
-    tun_name: str = "flannel0"
+    tun_name: str = "flannel%d"  # the kernel picks flannel0, flannel1, ... as flanneld lets it
     ifaces: tuple[str, ...] = ()
     iface_regexes: tuple[str, ...] = ()
     iface_can_reach: str | None = None

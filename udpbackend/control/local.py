@@ -33,7 +33,7 @@ from .lease import (
     parse_subnet_key,
     subnet_kv_key,
 )
-from .manager import RECONNECT_FIRST, RECONNECT_MAX
+from .manager import RECONNECT_FIRST, RECONNECT_MAX, ConfigPending
 from .network import (
     NetworkConfig,
     parse_network_config,
@@ -58,7 +58,7 @@ RACE_RETRIES = 10  # flannel's raceRetries
 # ---------------------------------------------------------------------------------------------
 
 
-class ConfigMissing(ConfigError):
+class ConfigMissing(ConfigPending):
     """<prefix>/config does not exist (yet): flanneld retries every second."""
 
     def __init__(self) -> None:

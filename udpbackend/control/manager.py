@@ -9,8 +9,15 @@ from collections.abc import AsyncIterator, Callable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
 
+from ..errors import ConfigError
 from .lease import Lease, LeaseEvent
 from .network import NetworkConfig
+
+
+class ConfigPending(ConfigError):
+    """The datastore has no network config (yet): the lifecycle waits for it, as flanneld
+    does; any other ConfigError from get_network_config ends the node."""
+
 
 # How a lost datastore is retried by every manager's watch: 0.1 s doubling, capped so that a
 # node joining after an outage is learned within a second of the datastore's return.

@@ -200,6 +200,10 @@ class DataPlane:
                     f"(SCHED_RR): {e.strerror} (needs CAP_SYS_NICE or an RLIMIT_RTPRIO)"
                 ) from None
 
+    @property
+    def tun_name(self) -> str:
+        return self.tun.name if self.tun else self.opts.tun_name
+
     def describe(self) -> str:
         assert self.tun
         queues = f", {len(self.queues)} queues" if len(self.queues) > 1 else ""

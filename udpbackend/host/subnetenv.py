@@ -11,17 +11,23 @@ import tempfile
 
 
 def format_subnet_env(
-    network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, mtu: int, ip_masq: bool
+    network: ipaddress.IPv4Network,
+    subnet: ipaddress.IPv4Network,
+    mtu: int,
+    ip_masq: bool,
+    ipv6_network: ipaddress.IPv6Network | None = None,
+    ipv6_subnet: ipaddress.IPv6Network | None = None,
 ) -> str:
-    """The four lines flanneld writes for an IPv4 network; FLANNEL_SUBNET is the subnet's
-    first address (network + 1) with the subnet's prefix length."""
+    """The lines flanneld writes, in its order: the IPv4 network and subnet, the IPv6 ones
+    when the config enables IPv6, then MTU and IPMASQ.  A SUBNET is the subnet's first
+    address (network + 1) with the subnet's prefix length."""
     first = subnet.network_address + 1
-    return (
-        f"FLANNEL_NETWORK={network}\n"
-        f"FLANNEL_SUBNET={first}/{subnet.prefixlen}\n"
-        f"FLANNEL_MTU={mtu}\n"
-        f"FLANNEL_IPMASQ={'true' if ip_masq else 'false'}\n"
-    )
+    text = f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={first}/{subnet.prefixlen}\n"
+    if ipv6_network is not None and ipv6_subnet is not None:
+        first6 = ipv6_subnet.network_address + 1
+        text += f"FLANNEL_IPV6_NETWORK={ipv6_network}\n"
+        text += f"FLANNEL_IPV6_SUBNET={first6}/{ipv6_subnet.prefixlen}\n"
+    return text + f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={'true' if ip_masq else 'false'}\n"
 
 
 def parse_subnet_env(text: str) -> dict[str, str]:

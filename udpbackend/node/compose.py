@@ -17,6 +17,7 @@ from ..host.iface import ExternalInterface, find_interface
 from ..host.iptables import Iptables
 from ..options import RunOptions
 from .lifecycle import Node, Parts
+from .notify import systemd_notifier
 
 
 def etcd_manager(opts: RunOptions) -> SubnetManager:
@@ -77,6 +78,7 @@ def build_parts(static: NodeConfig | None, opts: RunOptions) -> Parts:
         ),
         tun_mtu=tun_mtu,
         make_rules=Iptables,
+        notify=systemd_notifier(),
     )
 
 

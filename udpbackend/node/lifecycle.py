@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..control.lease import Lease, LeaseEvent
-from ..control.manager import SubnetManager
+from ..control.manager import ConfigPending, SubnetManager
 from ..control.network import NetworkConfig
 from ..control.registry import RegistryUnavailable
 from ..errors import ConfigError, StartupError
@@ -41,6 +41,9 @@ class Plane(Protocol):
 
     mtu: int
     routes: dict[ipaddress.IPv4Network, ipaddress.IPv4Address]
+
+    @property
+    def tun_name(self) -> str: ...  # the name the kernel gave (flannel%d picks one)
 
     async def setup_async(self) -> None: ...
     def set_route(
@@ -80,24 +83,35 @@ class Parts:
     find_interface: Callable[[ipaddress.IPv4Address | None], ExternalInterface]
     tun_mtu: Callable[[ExternalInterface], int]  # raises StartupError when too small
     make_rules: Callable[[], Rules]  # called only when --ip-masq or forward rules are on
+    notify: Callable[[str], None] = lambda state: None  # sd_notify(3) (node.notify)
 
 
-def previous_subnet(path: str | None) -> ipaddress.IPv4Network | None:
-    """FLANNEL_SUBNET of the subnet.env a previous run left, masked to its network."""
+@dataclass(frozen=True)
+class Previous:
+    """What the subnet.env a previous run left says (each part None when absent or bad)."""
+
+    network: ipaddress.IPv4Network | None = None
+    subnet: ipaddress.IPv4Network | None = None
+
+
+def previous_run(path: str | None) -> Previous:
+    """FLANNEL_NETWORK and FLANNEL_SUBNET (masked to its network) of an old subnet.env."""
     if not path:
-        return None
+        return Previous()
     try:
         with open(path) as f:
             env = parse_subnet_env(f.read())
     except OSError:
-        return None
-    value = env.get("FLANNEL_SUBNET", "")
-    if not value or "," in value:
-        return None
-    try:
-        return ipaddress.IPv4Network(value, strict=False)
-    except ValueError:
-        return None
+        return Previous()
+
+    def net(key: str) -> ipaddress.IPv4Network | None:
+        value = env.get(key, "")
+        try:
+            return ipaddress.IPv4Network(value, strict=False) if "," not in value else None
+        except ValueError:
+            return None
+
+    return Previous(net("FLANNEL_NETWORK"), net("FLANNEL_SUBNET"))
 
 
 async def serve_health(opts: RunOptions, routes: dict[str, Route]) -> HealthServer:
@@ -191,11 +205,21 @@ class Node:
             raise StartupError(str(e)) from None
         return ext, self.parts.tun_mtu(ext)
 
+    async def _network_config(self) -> NetworkConfig:
+        """Only a config that is not there yet (or a datastore that is down) is waited for,
+        as flanneld waits; a config that is there and unusable ends the node (exit 1)."""
+        try:
+            return await self.manager.get_network_config()
+        except ConfigPending:
+            raise
+        except ConfigError as e:
+            raise StartupError(f"network config: {e}") from None
+
     async def start(self) -> bool:
         """Everything up to ready; False when stopped before that."""
         opts, manager = self.opts, self.manager
         cfg: NetworkConfig | None = await self._until(
-            manager.get_network_config, CONFIG_RETRY, "couldn't fetch network config"
+            self._network_config, CONFIG_RETRY, "couldn't fetch network config"
         )
         if cfg is None:
             return False
@@ -207,10 +231,10 @@ class Node:
         wanted = stored or opts.public_ip  # flannel: the node-public-ip annotation wins
         ext, mtu = await self._interface(wanted)
         public_ip = wanted or ext.address
-        prev = previous_subnet(opts.subnet_file)
+        prev = previous_run(opts.subnet_file)
 
         async def acquire() -> Lease:
-            return await manager.acquire_lease(cfg, public_ip, prev)
+            return await manager.acquire_lease(cfg, public_ip, prev.subnet)
 
         lease: Lease | None = await self._until(acquire, CONFIG_RETRY, "failed to acquire lease")
         if lease is None:
@@ -229,12 +253,20 @@ class Node:
         self.plane.start(asyncio.get_running_loop(), self._on_dataplane_error)
         log.info("data plane up: %s", self.plane.describe())
 
-        await self._install_rules(cfg, lease)
+        await self._install_rules(cfg, lease, prev)
         if opts.subnet_file:
+            v6 = cfg.enable_ipv6 and lease.ipv6_subnet is not None
             try:
                 write_subnet_env(
                     opts.subnet_file,
-                    format_subnet_env(cfg.network, lease.subnet, self.plane.mtu, opts.ip_masq),
+                    format_subnet_env(
+                        cfg.network,
+                        lease.subnet,
+                        self.plane.mtu,
+                        opts.ip_masq,
+                        cfg.ipv6_network if v6 else None,
+                        lease.ipv6_subnet if v6 else None,
+                    ),
                 )
             except OSError as e:
                 log.warning("failed to write %s: %s (not ready)", opts.subnet_file, e.strerror)
@@ -243,22 +275,34 @@ class Node:
         written = f", subnet.env written to {opts.subnet_file}" if opts.subnet_file else ""
         driver = ", C driver" if opts.driver == "c" else ""
         log.info("ready: %d routes%s%s", len(self.plane.routes), driver, written)
+        self.parts.notify("READY=1\nSTATUS=forwarding for " + str(lease.subnet))
         try:
             await manager.complete_lease(lease)
         except (ConfigError, RegistryUnavailable) as e:
             log.warning("could not complete the lease: %s", e)
         return True
 
-    async def _install_rules(self, cfg: NetworkConfig, lease: Lease) -> None:
+    async def _install_rules(self, cfg: NetworkConfig, lease: Lease, prev: Previous) -> None:
+        """flannel's rules for this subnet; rules a previous run left for another subnet or
+        network (its subnet.env says which) are replaced, so pod traffic is never left
+        without masquerade across a restart."""
         opts = self.opts
         if not (opts.ip_masq or opts.forward_rules):
             return
+        stale: list[Rule] = []
+        old_net, old_sub = prev.network or cfg.network, prev.subnet or lease.subnet
+        if opts.ip_masq:
+            self.rules += masq_rules(cfg.network, lease.subnet)
+            stale += masq_rules(old_net, old_sub)
+        if opts.forward_rules:
+            self.rules += forward_rules(cfg.network)
+            stale += forward_rules(old_net)
+        stale = [r for r in stale if r not in self.rules]
         try:
             self.firewall = self.parts.make_rules()
-            if opts.ip_masq:
-                self.rules += masq_rules(cfg.network, lease.subnet)
-            if opts.forward_rules:
-                self.rules += forward_rules(cfg.network)
+            if stale:
+                log.info("iptables: replacing %d rules of the previous run's subnet", len(stale))
+                await asyncio.to_thread(self.firewall.remove, stale)
             await asyncio.to_thread(self.firewall.install, self.rules)
         except IptablesError as e:
             raise StartupError(str(e)) from None
@@ -366,11 +410,10 @@ class Node:
 
     # -- shutdown ---------------------------------------------------------------------------
     async def shutdown(self) -> None:
-        """Stop forwarding, remove the TUN and our rules; the lease stays, so a restart gets
-        the same subnet."""
+        """Stop forwarding and remove the TUN.  The lease stays, so a restart gets the same
+        subnet, and so do the rules, as flanneld leaves them: pod traffic keeps its masquerade
+        while the node restarts (the next start replaces them if the subnet moved)."""
+        self.parts.notify("STOPPING=1")
         if self.plane:
             self.plane.teardown()
-            log.info("stopping: %s removed", self.opts.tun_name)
-        if self.firewall and self.rules:
-            with contextlib.suppress(IptablesError):
-                await asyncio.to_thread(self.firewall.remove, self.rules)
+            log.info("stopping: %s removed", self.plane.tun_name)
