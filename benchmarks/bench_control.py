@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-# Control-plane benchmark on a real etcd (udpbackend.lab.testbed.Cluster: etcd in a hub netns,
+# Control-plane benchmark on a real etcd (udpbackend.lab.cluster.Cluster: etcd in a hub netns,
 # daemons in etcd mode in node namespaces): (a) lease put -> route programmed on the peers, one join
 # at a time, and lease delete -> route removed; (b) daemon start to /readyz 200 and to all routes
 # programmed with 1,000 leases already in etcd. Must not: leave namespaces or processes behind
@@ -32,20 +32,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout first
 
-from bench_overlay import log, machine_info, sigterm_as_interrupt
-
-from udpbackend.lab.testbed import (
-    ETCD,
-    OVERLAY_NETWORK,
+from udpbackend.lab.addressing import OVERLAY_NETWORK
+from udpbackend.lab.bench.machine import machine_info
+from udpbackend.lab.bench.progress import sigterm_as_interrupt
+from udpbackend.lab.cluster import (
     Cluster,
-    EtcdNode,
-    TestbedError,
     cluster_missing_requirements,
     lease_value,
     subnet_key,
 )
+from udpbackend.lab.daemons import EtcdNode
+from udpbackend.lab.errors import TestbedError
+from udpbackend.lab.etcdproc import ETCD
 
 JOIN_BASE = ipaddress.IPv4Network("198.19.150.0/24")  # /24s 198.19.150.0 .. 198.19.249.0
 BULK_PREFIX = "/bench1k/network"
@@ -53,6 +53,10 @@ BULK_CONFIG = {"Network": OVERLAY_NETWORK, "SubnetLen": 28, "Backend": {"Type": 
 # /28s from 198.19.64.0 up: far above where a new node allocates (the first free /28s from
 # SubnetMin 198.19.0.16), so the measured node never collides with them.
 BULK_BASE = ipaddress.IPv4Address("198.19.64.0")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def fake_public_ip(k: int) -> str:

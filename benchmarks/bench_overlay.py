@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # The overlay benchmark from a source checkout: a thin wrapper around `udpbackend bench`
-# (udpbackend/bench.py holds the ladder, the protocol, the schema and the chart), writing into
+# (udpbackend/lab/bench/ holds the ladder, the protocol, the schema and the chart), writing into
 # benchmarks/results/ unless --out says otherwise. Needs root; leaves nothing behind.
 """Usage: sudo python benchmarks/bench_overlay.py [udpbackend bench flags]
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from udpbackend.lab.testbed import ETCD, ETCDCTL, EtcdProcess, EtcdTls, etcd_missing_binaries
-from udpbackend.lab.testbed import free_tcp_port as free_port
+from udpbackend.lab.etcdproc import ETCD, ETCDCTL, EtcdProcess, EtcdTls, etcd_missing_binaries
+from udpbackend.lab.etcdproc import free_tcp_port as free_port
 
 __all__ = ["ETCD", "ETCDCTL", "EtcdServer", "Pki", "free_port", "make_pki", "unavailable_reason"]
 

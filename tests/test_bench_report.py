@@ -10,9 +10,16 @@ from typing import Any
 
 import pytest
 
-from udpbackend.lab import bench
+from udpbackend.lab.bench.counters import PHASE_FIELDS, counters_of
+from udpbackend.lab.bench.explain import explain
+from udpbackend.lab.bench.figures import FIGURES, add_ratios, figures_of, lower_bounds
+from udpbackend.lab.bench.iperf import LOSS_MAX, udp_search
+from udpbackend.lab.bench.report import TABLE_COLUMNS, markdown, write_outputs
+from udpbackend.lab.bench.rungs import DEFAULT_RUNGS, RUNG_BY_NAME, daemon_rung, parse_rungs
+from udpbackend.lab.bench.schema import SCHEMA, SCHEMA_ID, validate
+from udpbackend.lab.bench.settings import BenchError
 
-PHASE_KEYS = bench.PHASE_FIELDS
+PHASE_KEYS = PHASE_FIELDS
 
 
 def phase(**kw: Any) -> dict[str, Any]:
@@ -123,7 +130,7 @@ def synthetic_doc(names: tuple[str, ...] = tuple(LADDER), runs: int = 3) -> dict
     rungs = []
     for name in names:
         g, pps, rtt, busy, counters = LADDER[name]
-        rung = bench.RUNG_BY_NAME[name]
+        rung = RUNG_BY_NAME[name]
         rr = [
             run(g * f, pps * f, rtt, busy, counters, sender_bound=name == "veth")
             for f in (0.9, 1.0, 1.2)[:runs]
@@ -136,15 +143,15 @@ def synthetic_doc(names: tuple[str, ...] = tuple(LADDER), runs: int = 3) -> dict
                 "status": "ok",
                 "error": None,
                 "runs": rr,
-                "figures": bench.figures_of(rr),
-                "counters": bench.counters_of(rr, phase(mean_batch=20.0) if counters else None),
-                "lower_bounds": bench.lower_bounds(rr),
+                "figures": figures_of(rr),
+                "counters": counters_of(rr, phase(mean_batch=20.0) if counters else None),
+                "lower_bounds": lower_bounds(rr),
                 "ratios_vs_vxlan": {},
             }
         )
-    bench.add_ratios(rungs)
+    add_ratios(rungs)
     doc: dict[str, Any] = {
-        "schema": bench.SCHEMA_ID,
+        "schema": SCHEMA_ID,
         "date": "2026-11-24T00:00:00+00:00",
         "duration_s": 1.0,
         "machine": {"cores": 2, "kernel": "6.18", "cpu_model": "test CPU", "memory_gib": 24.0},
@@ -165,22 +172,21 @@ def synthetic_doc(names: tuple[str, ...] = tuple(LADDER), runs: int = 3) -> dict
             "rungs": list(names),
         },
         "figures": [
-            {"key": f.key, "label": f.label, "unit": f.unit, "better": f.better}
-            for f in bench.FIGURES
+            {"key": f.key, "label": f.label, "unit": f.unit, "better": f.better} for f in FIGURES
         ],
         "rungs": rungs,
         "explain": [],
         "notes": [],
     }
-    doc["explain"] = bench.explain(doc)
+    doc["explain"] = explain(doc)
     return doc
 
 
 def test_synthetic_doc_is_valid() -> None:
     doc = synthetic_doc()
-    assert bench.validate(doc) == []
+    assert validate(doc) == []
     jsonschema = pytest.importorskip("jsonschema")
-    jsonschema.validate(doc, bench.SCHEMA)
+    jsonschema.validate(doc, SCHEMA)
 
 
 @pytest.mark.parametrize(
@@ -198,11 +204,11 @@ def test_synthetic_doc_is_valid() -> None:
 def test_validator_catches_violations(mutate: Any, expect: str) -> None:
     doc = synthetic_doc(("veth", "vxlan"))
     mutate(doc)
-    problems = bench.validate(doc)
+    problems = validate(doc)
     assert any(expect in p for p in problems), problems
     jsonschema = pytest.importorskip("jsonschema")
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(doc, bench.SCHEMA)
+        jsonschema.validate(doc, SCHEMA)
 
 
 def test_figures_are_medians_and_ratios_are_against_vxlan() -> None:
@@ -236,18 +242,18 @@ def test_explain_walks_the_ladder_with_this_runs_numbers() -> None:
     for r in doc["rungs"]:
         if r["name"] == "batched-nooffload":
             r["counters"]["tcp"]["syscalls_per_packet"] = 1.5
-    assert "syscalls/packet 2.02 -> 1.50" in "\n".join(bench.explain(doc))
+    assert "syscalls/packet 2.02 -> 1.50" in "\n".join(explain(doc))
 
 
 def test_markdown_table_and_chart(tmp_path: Path) -> None:
     doc = synthetic_doc()
-    md = bench.markdown(doc)
+    md = markdown(doc)
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + len(LADDER)  # header + one row per rung
-    assert all(row.count("|") == len(bench.TABLE_COLUMNS) + 1 for row in rows)
+    assert all(row.count("|") == len(TABLE_COLUMNS) + 1 for row in rows)
     assert ">= 300" in md  # veth's sender-bound UDP rate is a lower bound
     assert "(0.33x)" in md  # batched TCP vs VXLAN
-    paths = bench.write_outputs(doc, tmp_path)
+    paths = write_outputs(doc, tmp_path)
     assert [p.name for p in paths] == ["results.json", "results.md", "ladder.png"]
     assert paths[2].read_bytes().startswith(b"\x89PNG")
 
@@ -275,15 +281,15 @@ def scripted(capacity: float, sender: float = 500e3) -> tuple[Any, list[float | 
 
 def test_udp_search_sender_bound() -> None:
     probe, offered = scripted(capacity=1e6)
-    res = bench.udp_search(probe, 4, 64)
+    res = udp_search(probe, 4, 64)
     assert res["sender_bound"] and res["pps"] == 500e3 and offered == [None]
 
 
 def test_udp_search_bisects_below_the_overload_point() -> None:
     probe, offered = scripted(capacity=150e3)
-    res = bench.udp_search(probe, 5, 64)
+    res = udp_search(probe, 5, 64)
     assert not res["sender_bound"]
-    assert res["loss"] <= bench.LOSS_MAX
+    assert res["loss"] <= LOSS_MAX
     assert 100e3 <= res["pps"] <= 150e3
     assert len(offered) == 5 and offered[0] is None
 
@@ -291,16 +297,16 @@ def test_udp_search_bisects_below_the_overload_point() -> None:
 def test_udp_search_warm_start_begins_at_the_previous_result() -> None:
     probe, offered = scripted(capacity=150e3)
     hint = {"pps": 140e3, "sender_bound": False}
-    res = bench.udp_search(probe, 2, 64, hint)
+    res = udp_search(probe, 2, 64, hint)
     assert offered == [140e3]  # one probe fewer, no unlimited run
     assert res["pps"] == 140e3
 
 
 def test_parse_rungs() -> None:
-    assert bench.parse_rungs("batched, veth") == ["veth", "batched"]  # ladder order
-    with pytest.raises(bench.BenchError, match="warp"):
-        bench.parse_rungs("veth,warp")
-    assert set(bench.DEFAULT_RUNGS) == {
+    assert parse_rungs("batched, veth") == ["veth", "batched"]  # ladder order
+    with pytest.raises(BenchError, match="warp"):
+        parse_rungs("veth,warp")
+    assert set(DEFAULT_RUNGS) == {
         "veth",
         "vxlan",
         "python",
@@ -313,7 +319,7 @@ def test_parse_rungs() -> None:
 
 
 def test_a_new_rung_is_a_name_and_a_setup() -> None:
-    rung = bench.daemon_rung("batched-x", "udpbackend batched, x", "batched", ["--x"])
+    rung = daemon_rung("batched-x", "udpbackend batched, x", "batched", ["--x"])
     assert rung.kind == "daemon" and rung.default
     doc = synthetic_doc(("vxlan",))
-    assert bench.validate(copy.deepcopy(doc)) == []
+    assert validate(copy.deepcopy(doc)) == []

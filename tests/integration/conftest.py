@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from udpbackend.lab.testbed import Node, Testbed
+from udpbackend.lab.daemons import Node
+from udpbackend.lab.testbed import Testbed
 
 HERE = Path(__file__).resolve().parent
 MODES = ("batched", "per-packet", "python")

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from pyroute2 import netns
 
-from udpbackend.lab import bench
+from udpbackend.lab.bench import schema
 
 PR_SET_CHILD_SUBREAPER = 36
 BENCH_PREFIX = "ubbt"  # bench's namespaces: ubbt-<bench pid>-<n>-a / -b
@@ -139,9 +139,9 @@ def test_bench_smoke(tmp_path: Path, subreaper: None) -> None:
     assert not left, f"processes left behind by the bench: {left}"
 
     doc = json.loads((tmp_path / "results.json").read_text())
-    assert bench.validate(doc) == []
+    assert schema.validate(doc) == []
     jsonschema = pytest.importorskip("jsonschema")
-    jsonschema.validate(doc, bench.SCHEMA)
+    jsonschema.validate(doc, schema.SCHEMA)
     assert [r["name"] for r in doc["rungs"]] == ["vxlan", "batched"]
     vx, ours = doc["rungs"]
     assert vx["status"] == "ok" and ours["status"] == "ok", (vx["error"], ours["error"])

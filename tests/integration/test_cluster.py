@@ -15,7 +15,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from udpbackend.lab.testbed import ETCD, ETCDCTL, OVERLAY_NETWORK, Cluster, EtcdNode, lease_value
+from udpbackend.lab.addressing import OVERLAY_NETWORK
+from udpbackend.lab.cluster import Cluster, lease_value
+from udpbackend.lab.daemons import EtcdNode
+from udpbackend.lab.etcdproc import ETCD, ETCDCTL
 
 NS_PREFIX = "ubit"  # conftest.py checks that no ubit-<our pid>-* namespace is left behind
 BASE = (0, 1, 2)  # the nodes every test may rely on (restarted by the `cl` fixture if stopped)

@@ -18,7 +18,9 @@ from pyroute2 import netns
 from scapy.layers.inet import ICMP, IP, UDP, IPerror, UDPerror
 from scapy.layers.l2 import Ether
 
-from udpbackend.lab.testbed import UDP_PORT, Testbed, TestbedError
+from udpbackend.lab.addressing import UDP_PORT
+from udpbackend.lab.errors import TestbedError
+from udpbackend.lab.testbed import Testbed
 
 A_TUN = "198.19.1.0"
 B_TUN = "198.19.2.0"

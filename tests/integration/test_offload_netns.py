@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
-from udpbackend.lab.testbed import UDP_PORT, Node, Testbed
+from udpbackend.lab.addressing import UDP_PORT
+from udpbackend.lab.daemons import Node
+from udpbackend.lab.testbed import Testbed
 
 pytestmark = pytest.mark.netns
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from udpbackend.lab.testbed import Node, Testbed
+from udpbackend.lab.daemons import Node
+from udpbackend.lab.testbed import Testbed
 
 pytestmark = pytest.mark.netns
 

@@ -3,9 +3,9 @@
 Lives here: run_demo() and its friendly output. It starts etcd in a hub namespace, writes the
 network config, starts `udpbackend run --etcd-endpoints ...` in each node namespace, waits until
 every node routes to every other, then shows the leases, all-pairs ping and one iperf3 run. It
-drives the daemon only as a subprocess through udpbackend.lab.testbed, so it must not import the
-data plane (or anything but testbed). Everything it creates is removed on success, on error and
-on Ctrl-C.
+drives the daemon only as a subprocess through udpbackend.lab.cluster, so it must not import the
+data plane (or anything outside the lab). Everything it creates is removed on success, on error
+and on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,19 +20,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
-from .testbed import (
-    BRIDGE_NAME,
-    DEFAULT_NETWORK_CONFIG,
-    ETCD_PREFIX,
-    HUB,
-    HUB_ADDR,
-    UDP_PORT,
-    Cluster,
-    DaemonError,
-    PingResult,
-    TestbedError,
-    cluster_missing_requirements,
-)
+from .addressing import BRIDGE_NAME, HUB, HUB_ADDR, UDP_PORT
+from .cluster import DEFAULT_NETWORK_CONFIG, ETCD_PREFIX, Cluster, cluster_missing_requirements
+from .errors import DaemonError, TestbedError
+from .tools import PingResult
 
 PING_COUNT = 10
 NS_PREFIX = "ubdemo"

@@ -1,0 +1,451 @@
+"""Cluster: a hub namespace (bridge + a real etcd) and N node namespaces, daemons in etcd mode.
+
+Lives here: building the hub and its nodes, the cluster's etcd (HubEtcd) and flannel's keys in
+it (config, leases), starting `python -m udpbackend run --etcd-endpoints ...` per node, waiting
+for /readyz and for every node to route to every other, and traffic between nodes. Must not:
+import the planes (daemons are subprocesses); addresses are in lab/addressing.py.
+
+    netns hub: bridge br0 198.18.0.254/24, etcd on 198.18.0.254:<port>
+      |-- vh-n0 <-> veth-n0 198.18.0.1/24  netns n0   flannel0 <lease network addr>/32
+      |-- vh-n1 <-> veth-n1 198.18.0.2/24  netns n1   ...
+      `-- vh-nI <-> veth-nI 198.18.0.(I+1)/24
+
+Typical use::
+
+    with Cluster(nodes=3) as cl:
+        cl.put_config({"Network": "198.19.0.0/16", "Backend": {"Type": "udp"}})
+        for i in range(3):
+            cl.start_etcd_node(i)
+        cl.wait_converged()
+        print(cl.ping_nodes(0, 1).avg_ms)
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.client
+import ipaddress
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .addressing import (
+    BRIDGE_NAME,
+    HEALTHZ_PORT,
+    HUB,
+    HUB_ADDR,
+    MAX_CLUSTER_NODES,
+    OVERLAY_NETWORK,
+    UNDERLAY_PREFIX,
+)
+from .daemons import READY_MARKER, EtcdNode
+from .errors import DaemonError, TestbedError
+from .etcdproc import EtcdProcess, etcd_missing_binaries
+from .netns import NetnsLab, missing_requirements, next_tag
+from .tools import IperfResult, PingResult
+
+ETCD_PREFIX = "/coreos.com/network"
+DEFAULT_NETWORK_CONFIG: dict[str, Any] = {"Network": OVERLAY_NETWORK, "Backend": {"Type": "udp"}}
+
+
+def cluster_missing_requirements() -> list[str]:
+    """missing_requirements() plus the etcd server and etcdctl a Cluster runs."""
+    missing = missing_requirements()
+    missing += [
+        f"{path} (apt-get install etcd-server etcd-client)" for path in etcd_missing_binaries()
+    ]
+    return missing
+
+
+def subnet_key(subnet: str, prefix: str = ETCD_PREFIX) -> str:
+    """flannel's key for a subnet: ``<prefix>/subnets/198.19.7.0-24``."""
+    net = ipaddress.IPv4Network(subnet, strict=False)
+    return f"{prefix.rstrip('/')}/subnets/{net.network_address}-{net.prefixlen}"
+
+
+def lease_value(public_ip: str) -> str:
+    """The exact bytes a flannel UDP node writes for its lease."""
+    return json.dumps({"PublicIP": public_ip, "PublicIPv6": None}, separators=(",", ":"))
+
+
+class HubEtcd(EtcdProcess):
+    """The Cluster's etcd: inside the hub netns, client URL on the hub address (plain http).
+
+    Started with the hub's spawn (tracked, ended by close()), probed and driven with etcdctl
+    from inside the hub; the temp dir is removed by the cluster's close().
+    """
+
+    def __init__(self, cluster: Cluster, host: str = HUB_ADDR) -> None:
+        self.cluster = cluster
+        super().__init__(
+            functools.partial(cluster.spawn, HUB),
+            host=host,
+            name="hub",
+            free_port=functools.partial(cluster.free_port, HUB),
+            connect=functools.partial(cluster.connect, HUB),
+            run=functools.partial(cluster.run, HUB),
+            forget=cluster._forget,
+        )
+        cluster._cleanup_paths.append(self.tmpdir)
+
+    def put_many(self, items: Iterable[tuple[str, str]], timeout: float = 10.0) -> int:
+        """PUT many keys fast over one HTTP connection to etcd's JSON gateway (/v3/kv/put).
+
+        For bulk setup only (thousands of keys); etcdctl is the reference client elsewhere.
+        """
+
+        def b64(text: str) -> str:
+            return base64.b64encode(text.encode()).decode()
+
+        sock = self._connect((self.host, self.client_port), timeout)
+        conn = http.client.HTTPConnection(self.host, self.client_port, timeout=timeout)
+        n = 0
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sock = sock
+            for key, value in items:
+                body = json.dumps({"key": b64(key), "value": b64(value)})
+                conn.request(
+                    "POST", "/v3/kv/put", body=body, headers={"Content-Type": "application/json"}
+                )
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.status != 200:
+                    raise TestbedError(f"etcd PUT {key}: HTTP {resp.status} {data[:200]!r}")
+                n += 1
+        finally:
+            conn.close()
+            sock.close()
+        return n
+
+
+class Cluster(NetnsLab):
+    """A hub netns (bridge br0 198.18.0.254/24 + a real etcd) and N node namespaces.
+
+    Node i lives in netns ``<prefix>-<pid>-<n>-n<i>`` with veth-n<i> 198.18.0.(i+1)/24 (MTU
+    ``underlay_mtu``) bridged in the hub; ip_forward=1, IPv6 off, ICMP rate limit off (so
+    unreachable probes are answered every time). Daemons run in etcd mode with
+    :meth:`start_etcd_node`; their TUN address is their lease subnet's network address.
+    ``close()`` ends every daemon and etcd by PID and deletes all namespaces and temp dirs.
+    Methods taking a node accept its index (int) or netns key ("hub", "n0", ...).
+    """
+
+    def __init__(
+        self,
+        nodes: int = 3,
+        prefix: str = "ubcl",
+        underlay_mtu: int = 1500,
+        workdir: str | os.PathLike[str] | None = None,
+        start_etcd: bool = True,
+        disable_ipv6: bool = True,
+        etcd_prefix: str = ETCD_PREFIX,
+    ) -> None:
+        if not 0 <= nodes <= MAX_CLUSTER_NODES:
+            raise ValueError(f"nodes must be 0..{MAX_CLUSTER_NODES}")
+        self.underlay_mtu = underlay_mtu
+        self.etcd_prefix = etcd_prefix.rstrip("/") or "/"
+        self.nodes: dict[int, EtcdNode] = {}  # the latest daemon started per node index
+        self.indices: list[int] = []
+        self._disable_ipv6 = disable_ipv6
+        super().__init__(prefix, workdir)
+        try:
+            self._build_hub()
+            for i in range(nodes):
+                self.add_node(i)
+            self.etcd = HubEtcd(self)
+            if start_etcd:
+                self.etcd.start()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction --
+
+    def _key(self, node: str | int) -> str:
+        return f"n{node}" if isinstance(node, int) else node
+
+    def _build_hub(self) -> None:
+        self.add_netns(HUB)
+        self._prepare_netns(HUB, self._disable_ipv6, forward=False)
+        with self.ipr(HUB) as ipr:
+            ipr.link("add", ifname=BRIDGE_NAME, kind="bridge")
+            idx = ipr.link_lookup(ifname=BRIDGE_NAME)[0]
+            ipr.addr("add", index=idx, address=HUB_ADDR, prefixlen=UNDERLAY_PREFIX)
+            ipr.link("set", index=idx, state="up")
+
+    def add_node(self, i: int | None = None) -> int:
+        """Create node i's netns joined to the hub bridge (default: the next free index)."""
+        self._check_open()
+        if i is None:
+            i = max(self.indices, default=-1) + 1
+        if not 0 <= i < MAX_CLUSTER_NODES:
+            raise TestbedError(f"node index {i} outside 0..{MAX_CLUSTER_NODES - 1}")
+        if i in self.indices:
+            raise TestbedError(f"node n{i} exists already")
+        key = self._key(i)
+        self.add_netns(key)
+        self.indices.append(i)
+        self._prepare_netns(key, self._disable_ipv6)
+        self.sysctl(key, "net.ipv4.icmp_ratelimit", "0")
+        hub_if = f"vh-n{i}"
+        self._add_veth(HUB, hub_if, key, self.veth(i))
+        with self.ipr(HUB) as ipr:
+            idx = ipr.link_lookup(ifname=hub_if)[0]
+            br = ipr.link_lookup(ifname=BRIDGE_NAME)[0]
+            ipr.link("set", index=idx, master=br, mtu=self.underlay_mtu)
+            ipr.link("set", index=idx, state="up")
+        self._address_iface(
+            key, self.veth(i), self.underlay_addr(i), UNDERLAY_PREFIX, self.underlay_mtu
+        )
+        self._wait_oper_up([(HUB, hub_if), (key, self.veth(i))])
+        return i
+
+    # -- addressing --
+
+    @staticmethod
+    def underlay_addr(i: int) -> str:
+        return f"198.18.0.{i + 1}"
+
+    @staticmethod
+    def veth(i: int) -> str:
+        return f"veth-n{i}"
+
+    def node_dir(self, i: int) -> Path:
+        """Per-node directory (subnet.env, stats); kept across daemon restarts."""
+        d = self.workdir / f"n{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def subnet_file(self, i: int) -> Path:
+        return self.node_dir(i) / "subnet.env"
+
+    def tun_addr(self, i: int) -> str:
+        """Node i's flannel0 address (its lease subnet's network address)."""
+        return self.node(i).tun_addr()
+
+    def node(self, i: int) -> EtcdNode:
+        try:
+            return self.nodes[i]
+        except KeyError:
+            raise TestbedError(f"no daemon was started on node n{i}") from None
+
+    def running(self) -> list[EtcdNode]:
+        return [n for _, n in sorted(self.nodes.items()) if n.alive]
+
+    # -- etcd --
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return self.etcd.endpoint
+
+    def etcdctl(self, *args: str, input: bytes | None = None, check: bool = True) -> str:
+        """`etcdctl <args>` in the hub against the cluster's etcd; stdout as text."""
+        return self.etcd.etcdctl(*args, input=input, check=check)
+
+    def put_config(
+        self, config: str | Mapping[str, Any] | None = None, prefix: str | None = None
+    ) -> str:
+        """Write the network config (JSON text or a mapping) to ``<prefix>/config``."""
+        if config is None:
+            config = DEFAULT_NETWORK_CONFIG
+        text = config if isinstance(config, str) else json.dumps(config, separators=(",", ":"))
+        self.etcdctl("put", f"{(prefix or self.etcd_prefix).rstrip('/')}/config", text)
+        return text
+
+    def subnet_key(self, subnet: str, prefix: str | None = None) -> str:
+        return subnet_key(subnet, prefix or self.etcd_prefix)
+
+    def put_lease(self, subnet: str, public_ip: str, lease_id: str | None = None) -> str:
+        """Write a flannel UDP lease value with etcdctl (no etcd lease unless lease_id)."""
+        key = self.subnet_key(subnet)
+        args = ["put", key, lease_value(public_ip)]
+        if lease_id is not None:
+            args.append(f"--lease={lease_id}")
+        self.etcdctl(*args)
+        return key
+
+    def get_kvs(self, key: str, prefix: bool = False) -> list[dict[str, Any]]:
+        """``etcdctl get -w json``: [{"key", "value" (decoded text), "lease" (0 = none), ...}]."""
+        args = ["get", key, "-w", "json"] + (["--prefix"] if prefix else [])
+        doc = json.loads(self.etcdctl(*args))
+        out = []
+        for kv in doc.get("kvs", []):
+            item = dict(kv)
+            item["key"] = base64.b64decode(kv["key"]).decode()
+            item["value"] = base64.b64decode(kv.get("value", "")).decode()
+            item["lease"] = int(kv.get("lease", 0))
+            out.append(item)
+        return out
+
+    def leases(self, prefix: str | None = None) -> dict[str, str]:
+        """All subnet keys -> values under ``<prefix>/subnets``."""
+        base = f"{(prefix or self.etcd_prefix).rstrip('/')}/subnets"
+        return {kv["key"]: kv["value"] for kv in self.get_kvs(base, prefix=True)}
+
+    # -- daemons --
+
+    def start_etcd_node(
+        self,
+        i: int,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        wait_ready: bool = True,
+        mode: str = "batched",
+        timeout: float = 30.0,
+        healthz_port: int = HEALTHZ_PORT,
+        endpoints_via_env: bool = False,
+    ) -> EtcdNode:
+        """Start ``python -m udpbackend run --etcd-endpoints ...`` in node i (created if new).
+
+        env: extra environment on top of ours (inherited FLANNELD_* variables are dropped).
+        endpoints_via_env: pass the endpoint as FLANNELD_ETCD_ENDPOINTS instead of the flag.
+        wait_ready: wait until /readyz answers 200 (or, with healthz_port=0, the ready log line
+        and flannel0 up). Raises DaemonError with the log tail if it dies or times out.
+        """
+        self._check_open()
+        if i not in self.indices:
+            self.add_node(i)
+        prev = self.nodes.get(i)
+        if prev is not None and prev.alive:
+            raise TestbedError(f"node n{i} already runs a daemon (pid {prev.pid})")
+        tag = f"n{i}-{next_tag()}"
+        stats_path = self.node_dir(i) / f"stats-{tag}.json"
+        subnet_file = self.subnet_file(i)
+        argv = self.etcd_daemon_argv(
+            i, mode, stats_path, healthz_port, endpoints_via_env, extra_args
+        )
+        penv = {k: v for k, v in os.environ.items() if not k.startswith("FLANNELD_")}
+        if endpoints_via_env:
+            penv["FLANNELD_ETCD_ENDPOINTS"] = self.etcd.endpoint
+        penv.update(env or {})
+        spawned_at = time.time()
+        proc, log_path = self._spawn_daemon(i, argv, tag, penv)
+        handle = EtcdNode(
+            self, i, mode, proc, log_path, stats_path, argv, subnet_file, healthz_port, spawned_at
+        )
+        self.nodes[i] = handle
+        if wait_ready:
+            self.wait_node_ready(handle, timeout)
+        return handle
+
+    def etcd_daemon_argv(
+        self,
+        i: int,
+        mode: str,
+        stats_path: Path,
+        healthz_port: int,
+        endpoints_via_env: bool,
+        extra_args: Sequence[str],
+    ) -> list[str]:
+        """The `python -m udpbackend run --etcd-endpoints ...` command line for node i."""
+        argv = [sys.executable, "-m", "udpbackend", "run"]
+        if not endpoints_via_env:
+            argv += ["--etcd-endpoints", self.etcd.endpoint]
+        argv += ["--iface", self.veth(i), "--subnet-file", str(self.subnet_file(i))]
+        argv += ["--mode", mode, "--stats-file", str(stats_path)]
+        if healthz_port:
+            argv += ["--healthz-port", str(healthz_port), "--healthz-ip", self.underlay_addr(i)]
+        return argv + list(extra_args)
+
+    def wait_node_ready(self, handle: EtcdNode, timeout: float = 30.0) -> float:
+        """Wait for /readyz 200 (or ready line + TUN up without healthz); sets handle.ready_at."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            rc = handle.proc.poll()
+            if rc is not None:
+                handle.returncode = rc
+                raise DaemonError(
+                    f"daemon on node n{handle.index} exited with {rc} before it was ready\n"
+                    f"argv: {' '.join(handle.argv)}\n--- log tail ---\n{handle.log_tail()}"
+                )
+            if handle.healthz_port:
+                try:
+                    status, body = handle.http_get("/readyz", timeout=1.0)
+                    last = f"{status} {body.strip()!r}"
+                except OSError as e:
+                    status, last = 0, f"{e}"
+                if status == 200:
+                    break
+            else:
+                state = self.tun_state(handle.index, handle.tun_name)
+                if state and state["up"] and READY_MARKER in handle.log_text():
+                    break
+                last = f"{handle.tun_name} {state}"
+            if time.monotonic() > deadline:
+                raise DaemonError(
+                    f"daemon on node n{handle.index} not ready after {timeout}s (last /readyz: "
+                    f"{last})\nargv: {' '.join(handle.argv)}\n--- log tail ---\n"
+                    f"{handle.log_tail()}"
+                )
+            time.sleep(0.01)
+        handle.ready_at = time.time()
+        return handle.ready_at - handle.spawned_at
+
+    def stop_all(self, check: bool = False) -> dict[int, int]:
+        """SIGTERM every running daemon; their exit codes by node index."""
+        return {n.index: n.stop(check=check) for n in self.running()}
+
+    def missing_peers(self, indices: Iterable[int] | None = None) -> dict[int, list[str]]:
+        """For each running daemon: the other running daemons' subnets it does not route."""
+        nodes = [self.nodes[i] for i in indices] if indices is not None else self.running()
+        subnets = {n.index: (n.subnet(), n.public_ip) for n in nodes}
+        missing: dict[int, list[str]] = {}
+        for n in nodes:
+            known = n.peers()
+            gaps = [
+                f"{s} via {ip}"
+                for j, (s, ip) in subnets.items()
+                if j != n.index and known.get(s) != ip
+            ]
+            if gaps:
+                missing[n.index] = gaps
+        return missing
+
+    def wait_converged(self, timeout: float = 15.0, indices: Iterable[int] | None = None) -> float:
+        """Wait until every running daemon routes every other one; returns the seconds waited."""
+        idx = list(indices) if indices is not None else None
+        start = time.monotonic()
+        while True:
+            missing = self.missing_peers(idx)
+            if not missing:
+                return time.monotonic() - start
+            for n in self.running() if idx is None else [self.nodes[i] for i in idx]:
+                if not n.alive:
+                    raise DaemonError(f"daemon n{n.index} died\n{n.log_tail()}")
+            if time.monotonic() - start > timeout:
+                raise TestbedError(f"not converged after {timeout}s, missing routes: {missing}")
+            time.sleep(0.05)
+
+    # -- traffic --
+
+    def ping_nodes(self, src: int, dst: int, count: int = 5, **kw: Any) -> PingResult:
+        """Ping node dst's flannel0 address from node src (through the overlay)."""
+        return self.ping(src, self.tun_addr(dst), count=count, **kw)
+
+    def ping_all(
+        self,
+        count: int = 5,
+        interval: float = 0.02,
+        indices: Iterable[int] | None = None,
+    ) -> dict[tuple[int, int], PingResult]:
+        """Every ordered pair of (running) nodes pings the other's flannel0 address."""
+        idx = list(indices) if indices is not None else [n.index for n in self.running()]
+        return {
+            (a, b): self.ping_nodes(a, b, count=count, interval=interval)
+            for a in idx
+            for b in idx
+            if a != b
+        }
+
+    def iperf3(
+        self, client: int, server: int, seconds: float = 3, extra: Sequence[str] = ()
+    ) -> IperfResult:
+        """iperf3 TCP from node client to node server's flannel0 address."""
+        return self._iperf3(client, server, self.tun_addr(server), seconds, extra=extra)
