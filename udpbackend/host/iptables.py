@@ -11,11 +11,13 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from .firewall import FirewallError
+
 MASQ_COMMENT = "flanneld masq"
 FWD_COMMENT = "flanneld forward"
 
 
-class IptablesError(RuntimeError):
+class IptablesError(FirewallError):
     """An iptables command failed (message says which, in one line)."""
 
 
@@ -121,3 +123,30 @@ class Iptables:
             if self.chain_exists(table, chain):
                 self._run("-w", "-t", table, "-F", chain, check=False)
                 self._run("-w", "-t", table, "-X", chain, check=False)
+
+
+class IptablesFirewall:
+    """host.firewall.Firewall through iptables: FLANNEL-POSTRTG (with --ip-masq) and
+    FLANNEL-FWD (with forward rules) for one network and subnet."""
+
+    name = "iptables"
+
+    def __init__(
+        self,
+        network: ipaddress.IPv4Network,
+        subnet: ipaddress.IPv4Network,
+        *,
+        ip_masq: bool,
+        forward: bool,
+        tool: Iptables | None = None,
+    ) -> None:
+        self.tool = tool or Iptables()
+        self.rules = (masq_rules(network, subnet) if ip_masq else []) + (
+            forward_rules(network) if forward else []
+        )
+
+    def ensure(self) -> None:
+        self.tool.install(self.rules)
+
+    def missing(self) -> int:
+        return len(self.tool.missing(self.rules))

@@ -11,10 +11,12 @@ import time
 from functools import partial
 
 from ..control.manager import SubnetManager
+from ..control.network import NetworkConfig
 from ..control.static import NodeConfig, StaticManager
 from ..dataplane.plane import DataPlane, tun_mtu
+from ..host.firewall import Firewall
 from ..host.iface import ExternalInterface, find_interface
-from ..host.iptables import Iptables
+from ..host.iptables import IptablesFirewall
 from ..options import RunOptions
 from .lifecycle import Node, Parts
 from .notify import systemd_notifier
@@ -61,6 +63,11 @@ def kube_manager(opts: RunOptions) -> SubnetManager:
     )
 
 
+def firewall(opts: RunOptions, cfg: NetworkConfig, subnet: ipaddress.IPv4Network) -> Firewall:
+    """flannel's rules for this node, kept by iptables."""
+    return IptablesFirewall(cfg.network, subnet, ip_masq=opts.ip_masq, forward=opts.forward_rules)
+
+
 def build_parts(static: NodeConfig | None, opts: RunOptions) -> Parts:
     """The production parts for these options."""
     manager: SubnetManager
@@ -77,7 +84,7 @@ def build_parts(static: NodeConfig | None, opts: RunOptions) -> Parts:
             find_interface, opts.ifaces, opts.iface_regexes, opts.iface_can_reach
         ),
         tun_mtu=tun_mtu,
-        make_rules=Iptables,
+        make_firewall=partial(firewall, opts),
         notify=systemd_notifier(),
     )
 

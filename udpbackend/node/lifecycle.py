@@ -21,8 +21,8 @@ from ..control.manager import ConfigPending, SubnetManager
 from ..control.network import NetworkConfig
 from ..control.registry import RegistryUnavailable
 from ..errors import ConfigError, StartupError
+from ..host.firewall import Firewall, FirewallError
 from ..host.iface import ExternalInterface, IfaceError
-from ..host.iptables import IptablesError, Rule, forward_rules, masq_rules
 from ..host.subnetenv import format_subnet_env, parse_subnet_env, write_subnet_env
 from ..options import RunOptions
 from .health import HealthServer, Route
@@ -59,14 +59,6 @@ class Plane(Protocol):
     def teardown(self) -> None: ...
 
 
-class Rules(Protocol):
-    """What the lifecycle needs of the host's firewall (host.iptables.Iptables)."""
-
-    def install(self, rules: list[Rule]) -> None: ...
-    def missing(self, rules: list[Rule]) -> list[Rule]: ...
-    def remove(self, rules: list[Rule]) -> None: ...
-
-
 # (network, this node's subnet, UDP port, external interface, TUN MTU) -> a data plane
 PlaneFactory = Callable[
     [ipaddress.IPv4Network, ipaddress.IPv4Network, int, ExternalInterface, int], Plane
@@ -82,7 +74,8 @@ class Parts:
     # (the public IP to look for, or None) -> the external interface; blocking: run in a thread
     find_interface: Callable[[ipaddress.IPv4Address | None], ExternalInterface]
     tun_mtu: Callable[[ExternalInterface], int]  # raises StartupError when too small
-    make_rules: Callable[[], Rules]  # called only when --ip-masq or forward rules are on
+    # (config, this node's subnet) -> the rules to keep; only with --ip-masq or FORWARD rules
+    make_firewall: Callable[[NetworkConfig, ipaddress.IPv4Network], Firewall]
     notify: Callable[[str], None] = lambda state: None  # sd_notify(3) (node.notify)
 
 
@@ -139,8 +132,7 @@ class Node:
         self.ready = False
         self.plane: Plane | None = None
         self.lease: Lease | None = None
-        self.rules: list[Rule] = []
-        self.firewall: Rules | None = None
+        self.firewall: Firewall | None = None
         self.exit_code = 0
         self._connected = True
         self._synced = asyncio.Event()  # the initial lease snapshot is in the route table
@@ -253,7 +245,7 @@ class Node:
         self.plane.start(asyncio.get_running_loop(), self._on_dataplane_error)
         log.info("data plane up: %s", self.plane.describe())
 
-        await self._install_rules(cfg, lease, prev)
+        await self._install_rules(cfg, lease)
         if opts.subnet_file:
             v6 = cfg.enable_ipv6 and lease.ipv6_subnet is not None
             try:
@@ -282,29 +274,17 @@ class Node:
             log.warning("could not complete the lease: %s", e)
         return True
 
-    async def _install_rules(self, cfg: NetworkConfig, lease: Lease, prev: Previous) -> None:
-        """flannel's rules for this subnet; rules a previous run left for another subnet or
-        network (its subnet.env says which) are replaced, so pod traffic is never left
-        without masquerade across a restart."""
+    async def _install_rules(self, cfg: NetworkConfig, lease: Lease) -> None:
+        """flannel's masquerade and FORWARD rules for this subnet, in the mode the config
+        asks for.  Installing rewrites the rule chains in one transaction, which replaces a
+        previous run's rules for another subnet without a moment of no masquerade."""
         opts = self.opts
         if not (opts.ip_masq or opts.forward_rules):
             return
-        stale: list[Rule] = []
-        old_net, old_sub = prev.network or cfg.network, prev.subnet or lease.subnet
-        if opts.ip_masq:
-            self.rules += masq_rules(cfg.network, lease.subnet)
-            stale += masq_rules(old_net, old_sub)
-        if opts.forward_rules:
-            self.rules += forward_rules(cfg.network)
-            stale += forward_rules(old_net)
-        stale = [r for r in stale if r not in self.rules]
         try:
-            self.firewall = self.parts.make_rules()
-            if stale:
-                log.info("iptables: replacing %d rules of the previous run's subnet", len(stale))
-                await asyncio.to_thread(self.firewall.remove, stale)
-            await asyncio.to_thread(self.firewall.install, self.rules)
-        except IptablesError as e:
+            self.firewall = self.parts.make_firewall(cfg, lease.subnet)
+            await asyncio.to_thread(self.firewall.ensure)
+        except FirewallError as e:
             raise StartupError(str(e)) from None
 
     async def _initial_sync(self) -> bool:
@@ -355,13 +335,14 @@ class Node:
                 await asyncio.sleep(RENEW_RETRY)
 
     async def resync_rules(self) -> None:
+        """Every --iptables-resync seconds: rules someone deleted are put back."""
         assert self.firewall
         while True:
             await asyncio.sleep(self.opts.iptables_resync)
-            missing = await asyncio.to_thread(self.firewall.missing, self.rules)
+            missing = await asyncio.to_thread(self.firewall.missing)
             if missing:
-                log.info("iptables: %d rules missing, restoring", len(missing))
-                await asyncio.to_thread(self.firewall.install, self.rules)
+                log.info("%s: %d rules missing, restoring", self.firewall.name, missing)
+                await asyncio.to_thread(self.firewall.ensure)
 
     async def run_stats(self) -> None:
         while True:
