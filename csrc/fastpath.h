@@ -1,8 +1,8 @@
 /* fastpath.h - THE contract between udpbackend's Python side and its C fast path.
  * This file is fed verbatim to cffi's cdef(), so it holds only plain integer #defines,
  * typedefs and prototypes: no #include, no macros with arguments, no inline code.
- * udpbackend/packet.py is the pure-Python twin of everything declared here, with the
- * same names and the same semantics; tests hold the two to each other.
+ * udpbackend/dataplane/packet.py is the pure-Python twin of everything declared here, with
+ * the same names (FP_ dropped) and the same semantics; tests hold the two to each other.
  *
  * Rules for every function below:
  *   - no globals, no malloc per packet (the route table allocates on set only), no logging;
@@ -21,6 +21,12 @@
 #define FP_REPLY_MAX 96          /* largest ICMP error we build: 20 + 8 + 60 (hdr) + 8 */
 #define FP_ICMP_TTL 8            /* TTL of generated ICMP errors (flannel uses 8) */
 #define FP_GSO_MAX_SEGS 64       /* datagrams per UDP_SEGMENT message (the kernel's limit before 6.11) */
+#define FP_IP_MAX_LEN 65535      /* largest IPv4 packet: its total length field */
+#define FP_UDP_MAX_PAYLOAD 65507 /* FP_IP_MAX_LEN - 20 (IPv4) - 8 (UDP): the most one UDP message
+                                  * holds, one datagram or a UDP_SEGMENT send or a UDP_GRO receive */
+#define FP_SEG_HDR_MAX 120       /* largest IPv4 + L4 header of a segment: 60 + 60 (TCP options) */
+#define FP_SPAN_HDR_MAX 130      /* largest header block of one TUN write on the ingress vnet path:
+                                  * FP_VNET_HDR_LEN + FP_SEG_HDR_MAX */
 
 /* Verdicts of fp_egress / fp_ingress. */
 #define FP_FORWARD 0             /* pass pkt[0:*len] on (to hop / into the TUN) */
@@ -158,7 +164,8 @@ int fp_udp_offloads(fp_ctx *cx, int udp_fd, uint32_t want);
 #define FP_VNET_GSO_TCPV4 1
 #define FP_VNET_GSO_UDP_L4 5
 #define FP_VNET_GSO_ECN 0x80
-#define FP_AUX_MIN 262144
+#define FP_AUX_MIN 262144        /* >= FP_IP_MAX_LEN + FP_MAX_QUEUE * FP_SEG_HDR_MAX (egress) and
+                                  * FP_MAX_QUEUE * FP_SPAN_HDR_MAX (ingress) */
 #define FP_MAX_QUEUE 512         /* segments queued between two sends on the egress vnet path */
 
 /* Split buf[0:len] (a virtio-net header, then an IPv4 packet as read from the TUN) into
@@ -178,7 +185,8 @@ int fp_gso_split(const uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *out, u
  * them, checksum included) followed by the pay_len[i] bytes at buf + pay_off[i], left in
  * place.  A GSO_NONE packet is one segment with *hdr_len = 0 and its L4 checksum completed in
  * place in buf (hence not const).  The segments' bytes equal fp_gso_split's.  Same checks and
- * errors as fp_gso_split; -ENOSPC when max_segs or hdrs_cap is too small. */
+ * errors as fp_gso_split; -ENOSPC when max_segs or hdrs_cap is too small (FP_SEG_HDR_MAX
+ * bytes per segment always suffice). */
 int fp_gso_split_hdrs(uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *hdrs, uint32_t hdrs_cap,
                       uint32_t *hdr_len, uint32_t *pay_off, uint32_t *pay_len, uint32_t max_segs);
 
@@ -206,7 +214,8 @@ typedef struct {
  * fp_gro_coalesce sets them), then the packets' bytes where they lie (a merged run's
  * payloads only).  Joined, output i is byte for byte fp_gro_coalesce's output i, carrying
  * out_segs[i] input packets.  Returns the number of outputs or -ENOSPC (hdrs_cap, max_spans
- * or max_out too small; n + max_out spans and 130 header bytes per output always suffice). */
+ * or max_out too small; n + max_out spans and FP_SPAN_HDR_MAX header bytes per output always
+ * suffice). */
 int fp_gro_coalesce_spans(uint8_t **pkts, const uint32_t *lens, uint32_t n, uint8_t *hdrs,
                           uint32_t hdrs_cap, fp_span *spans, uint32_t max_spans,
                           uint32_t *out_span0, uint32_t *out_nspans, uint32_t *out_segs,
@@ -254,12 +263,14 @@ int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
  *      datagram.  A socket that stays full after one wait of 5 ms and one retry, or refuses a
  *      datagram, costs a FP_DROP_TX_ERROR per datagram.
  *   With cx->vnet, step 1 reads one (super-)packet per read, one after another into the
- *   arena, and cuts it: a TSO/USO super-packet with a route and TTL > 1 by fp_gso_split_hdrs
- *   (headers into b->aux, each segment sent as headers + payload in place, TTL decremented
- *   once for all), anything else by fp_gso_split into b->aux and fp_egress per segment;
- *   segments are queued (up to FP_MAX_QUEUE) across reads before step 3.  The budget counts
- *   segments and a super-packet is taken whole, so the last read may pass it by up to its
- *   own segments.
+ *   arena, and cuts it: a TSO/USO super-packet whose every segment fp_egress would forward
+ *   (TTL > 1, a route) is decided once for all and cut by fp_gso_split_hdrs (headers into
+ *   b->aux, each segment sent as headers + payload in place, its TTL decremented as
+ *   fp_egress does); anything else by fp_gso_split into b->aux and fp_egress per segment.
+ *   Either way the counters, drops, ICMP errors and bytes sent are those of the segments
+ *   through fp_egress.  Segments are queued (up to FP_MAX_QUEUE) across reads before step 3.
+ *   The budget counts segments and a super-packet is taken whole, so the last read may pass
+ *   it by up to its own segments.
  * fp_udp_to_tun (ingress), one round:
  *   1. one recvmmsg of up to nslots datagrams (per_packet: one recvfrom); with udp_gro a
  *      message may hold several datagrams of the size the kernel reports, split here;

@@ -1,5 +1,6 @@
 /* internal.h - helpers shared by the .c files of the fast path; not part of the contract.
- * Byte access at fixed IPv4 offsets and the route-table layout.  No syscalls here. */
+ * Byte access (big-endian IPv4, little-endian virtio-net), IPv4 offsets, checksums, and the
+ * one cross-file function that is not in fastpath.h.  No syscalls here. */
 #ifndef FP_INTERNAL_H
 #define FP_INTERNAL_H
 
@@ -19,6 +20,10 @@ static inline void wr32(uint8_t *p, uint32_t v)
 {
     p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
 }
+
+/* The virtio-net header is little-endian (a TUN uses the host's order; x86 and arm64 are LE). */
+static inline uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static inline void wle16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
 
 /* IPv4 header offsets (RFC 791). */
 #define IP_OFF_TOTLEN 2
@@ -82,6 +87,22 @@ static inline uint16_t csum_fold(uint64_t sum)
         sum = (sum & 0xffff) + (sum >> 16);
     return (uint16_t)sum;
 }
+
+/* packet.c: the egress decision for a TSO/USO super-packet read from a vnet TUN, made once
+ * for all of its segments.  frame[0:len] is a virtio-net header and an IPv4 packet as read.
+ * When it is a super-packet (gso_type TCPV4 or UDP_L4) whose every segment fp_egress would
+ * forward - IPv4, TTL > 1, a route for its destination - it is cut by fp_gso_split_hdrs
+ * (segment i: the *hdr_len bytes at hdrs + i * *hdr_len, then the pay_len[i] bytes at
+ * frame + pay_off[i]; frame is left as it is) and each segment's TTL is decremented with
+ * fp_egress's checksum update, so that every segment is byte for byte what fp_egress makes of
+ * it; returns the number of segments, all for *hop.  0: not such a super-packet (GSO_NONE, not
+ * IPv4, TTL <= 1, no route) - the caller cuts it with fp_gso_split and decides each segment
+ * with fp_egress.  -errno: fp_gso_split_hdrs's (-ENOSPC: hdrs_cap or max_segs too small; the
+ * caller may retry with more room, else it takes the general path, where fp_gso_split fails
+ * alike and the drop is counted).  Counts nothing: drops and ICMP errors are fp_egress's. */
+int fp_egress_super(const fp_ctx *cx, const fp_routes *rt, uint8_t *frame, uint32_t len,
+                    uint8_t *hdrs, uint32_t hdrs_cap, uint32_t *hdr_len, uint32_t *pay_off,
+                    uint32_t *pay_len, uint32_t max_segs, fp_hop *hop);
 
 static inline int hist_bucket(uint32_t n)
 {

@@ -1,16 +1,31 @@
 /* io.c - the only file with syscalls: the two pumps, fp_tun_to_udp and fp_udp_to_tun,
- * composed from the sans-IO verdicts of packet.c and the route table of route.c.
+ * composed from the sans-IO verdicts of packet.c, the transforms of offload.c and the route
+ * table of route.c.  It reads, cuts, queues and sends; every forwarding decision is packet.c's.
  * Never blocks for long (non-blocking fds, a 5 ms wait at most when the socket is full);
  * counts every syscall, batch and outcome in cx->stats.
  *
- * Outbound flow (TUN -> UDP), one round:
- *   1. read up to nslots packets from the TUN, one read(2) each, stop at EAGAIN;
- *   2. fp_egress decides each: forward (own next hop), reply (ICMP into the TUN), drop;
- *   3. one sendmmsg(2) for everything forwarded (per-packet mode: sendto(2) each).
- * Inbound flow (UDP -> TUN), one round:
- *   1. one recvmmsg(2) of up to nslots datagrams (per-packet mode: recvfrom(2));
- *   2. fp_ingress decides each: forward -> one write(2) into the TUN each (a TUN has no
- *      batch write without vnet headers); reply (time exceeded) -> sendto(2) the sender. */
+ * Plain TUN (no virtio-net headers), and every per-packet mode:
+ *   Outbound (TUN -> UDP), one round:
+ *     1. read up to nslots packets from the TUN into the batch's slots, one read(2) each,
+ *        stop at EAGAIN;
+ *     2. fp_egress decides each: forward (own next hop), reply (ICMP into the TUN), drop;
+ *     3. one sendmmsg(2) for everything forwarded, runs coalesced into UDP_SEGMENT messages
+ *        with udp_gso (per-packet mode: sendto(2) each).
+ *   Inbound (UDP -> TUN), one round:
+ *     1. one recvmmsg(2) of up to nslots messages, a UDP_GRO message split into its
+ *        datagrams (per-packet mode: recvfrom(2));
+ *     2. fp_ingress decides each: forward -> one write(2) into the TUN each (a TUN has no
+ *        batch write without vnet headers); reply (time exceeded) -> sendto(2) the sender.
+ * vnet TUN (IFF_VNET_HDR, batched only): every read and write carries a virtio-net header.
+ *   Outbound (tun_to_udp_vnet): one read(2) per frame, frames one after another in the
+ *     arena; fp_egress_super decides a super-packet once for all its segments, which are
+ *     sent as headers (in aux) + payload (where the read put it); any other frame is cut by
+ *     fp_gso_split into aux and decided segment by segment by fp_egress.  Segments wait in a
+ *     send queue (txq_t) across reads; txq_flush sends them with sendmmsg(2) (as step 3
+ *     above) when the arena, aux or the queue runs short, and at the end of the call.
+ *   Inbound: as without vnet headers, then the forwarded packets of the round are merged by
+ *     fp_gro_coalesce_spans (headers into aux, payloads left in the arena): one writev(2)
+ *     per merged run or lone packet. */
 #define _GNU_SOURCE
 #include <sys/socket.h>
 #include <netinet/in.h>
@@ -24,8 +39,11 @@
 #include "internal.h"
 
 #define SEND_WAIT_MS 5
-#define UDP_MAX_PAYLOAD 65507    /* 65535 - 20 (IPv4) - 8 (UDP) */
-#define IP_MAX_LEN_ 65535
+#define FRAME_MAX (FP_VNET_HDR_LEN + FP_IP_MAX_LEN) /* the largest TUN read with vnet headers */
+/* Room kept for the segments of the next frame on the egress vnet path (queue entries and
+ * headers in aux) before it is read: a 64 KiB super-packet at an MSS of 512 or more; one cut
+ * into more segments sends the queue mid-frame. */
+#define ROOM_SEGS 128
 #ifndef UDP_SEGMENT
 #define UDP_SEGMENT 103
 #endif
@@ -62,9 +80,6 @@ int fp_udp_offloads(fp_ctx *cx, int udp_fd, uint32_t want)
     return (int)got;
 }
 
-/* hdr_len of a virtio-net header we built (little-endian): the bytes repeated per segment. */
-static inline uint32_t le16_hdr_len(const uint8_t *v) { return (uint32_t)(v[2] | (v[3] << 8)); }
-
 static uint64_t now_ns(void)
 {
     struct timespec ts;
@@ -86,7 +101,7 @@ static int check_batch(const fp_ctx *cx, const fp_batch *b)
         || b->slot_size < cx->mtu + 1)
         return -EINVAL;
     if (cx->vnet && (!b->aux || b->aux_size < FP_AUX_MIN
-                     || (uint64_t)b->nslots * b->slot_size < FP_VNET_HDR_LEN + IP_MAX_LEN_))
+                     || (uint64_t)b->nslots * b->slot_size < FRAME_MAX))
         return -EINVAL;
     return 0;
 }
@@ -288,7 +303,7 @@ static uint32_t build_msgs(fp_ctx *cx, struct iovec *iov, const dgram_t *dg,
         if (cx->udp_gso) {
             while (j < nsend && j - i < FP_GSO_MAX_SEGS && same_hop(&to[j], &to[i])
                    && same_flow(&iov[dg[j].iov0], &iov[dg[i].iov0]) && dg[j].len <= seg
-                   && bytes + dg[j].len <= UDP_MAX_PAYLOAD) {
+                   && bytes + dg[j].len <= FP_UDP_MAX_PAYLOAD) {
                 bytes += dg[j].len;
                 if (dg[j++].len < seg)
                     break;
@@ -317,143 +332,159 @@ static uint32_t build_msgs(fp_ctx *cx, struct iovec *iov, const dgram_t *dg,
     return nmsg;
 }
 
-/* Queue datagram nq: niov iovecs from iov[*niov_used], len bytes, to hop. */
-static inline void queue_dgram(dgram_t *dg, struct sockaddr_in *to, uint32_t *nq,
-                               uint32_t *niov_used, uint32_t niov, uint32_t len, const fp_hop *hop)
-{
-    dg[*nq].iov0 = *niov_used;
-    dg[*nq].niov = niov;
-    dg[*nq].len = len;
-    set_addr(&to[*nq], hop->ip, hop->port);
-    *niov_used += niov;
-    (*nq)++;
-}
-
-/* Egress with vnet headers: one read per (super-)packet into the arena, one after another;
- * queued across reads and sent together (see fastpath.h).  The common case, a TSO/USO
- * super-packet with a route and TTL > 1, is split without copying: each segment is sent as
- * its own headers (built in b->aux) plus its payload where the read put it.  Anything else
- * takes the general path - fp_gso_split into b->aux, fp_egress on each segment - so drops,
- * ICMP errors and their counters are the same either way. */
-static int tun_to_udp_vnet(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int udp_fd,
-                           int budget)
-{
-    fp_dir_stats *st = &cx->stats.egress;
+/* The send queue of the egress vnet path: datagrams cut from frames read one after another
+ * into the arena (payloads left there, in arena[0:roff]) and built in b->aux (aux[0:used]),
+ * sent together by txq_flush.  Datagram k is dg[k].niov iovecs from iov[dg[k].iov0]. */
+typedef struct {
     struct mmsghdr msgs[FP_MAX_QUEUE];
     struct iovec iov[2 * FP_MAX_QUEUE];
     dgram_t dg[FP_MAX_QUEUE];
     struct sockaddr_in to[FP_MAX_QUEUE];
-    uint32_t pkts[FP_MAX_QUEUE], first[FP_MAX_QUEUE], seg_lens[FP_MAX_QUEUE];
-    uint32_t pay_off[FP_MAX_QUEUE];
+    uint32_t pkts[FP_MAX_QUEUE], first[FP_MAX_QUEUE];
     ctrl_t ctrl[FP_MAX_QUEUE];
-    uint8_t reply[FP_REPLY_MAX];
-    const uint32_t rbuf = b->nslots * b->slot_size, frame_max = FP_VNET_HDR_LEN + IP_MAX_LEN_;
-    uint32_t used = 0, nq = 0, niov = 0, taken = 0, roff = 0;
-    int total = 0, rerr = 0;
+    uint32_t nq, niov;           /* datagrams and iovecs queued */
+    uint32_t used;               /* bytes of b->aux holding queued bytes, <= aux_size */
+    uint32_t roff;               /* bytes of the arena holding queued frames */
+    uint32_t taken;              /* packets taken in since the last flush: one batch */
+} txq_t;
 
-#define FLUSH()                                                                          \
-    do {                                                                                 \
-        if (nq) {                                                                        \
-            uint32_t nmsg = build_msgs(cx, iov, dg, to, nq, msgs, pkts, first, ctrl);    \
-            st->drops[FP_DROP_TX_ERROR] +=                                               \
-                send_batch(cx, udp_fd, msgs, pkts, first, dg, iov, nmsg, st);            \
-        }                                                                                \
-        if (taken)                                                                       \
-            count_batch(st, taken);                                                      \
-        used = nq = niov = taken = roff = 0;                                             \
-    } while (0)
+static void txq_reset(txq_t *q) { q->nq = q->niov = q->used = q->roff = q->taken = 0; }
+
+/* Queue one datagram to hop: the head_len bytes at head, then (pay != NULL) the pay_len bytes
+ * at pay.  The first piece holds the IPv4 header and the L4 port word (same_flow). */
+static void txq_push(txq_t *q, const fp_hop *hop, uint8_t *head, uint32_t head_len,
+                     uint8_t *pay, uint32_t pay_len)
+{
+    dgram_t *d = &q->dg[q->nq];
+    d->iov0 = q->niov;
+    d->niov = pay ? 2 : 1;
+    d->len = head_len + (pay ? pay_len : 0);
+    q->iov[q->niov++] = (struct iovec){ .iov_base = head, .iov_len = head_len };
+    if (pay)
+        q->iov[q->niov++] = (struct iovec){ .iov_base = pay, .iov_len = pay_len };
+    set_addr(&q->to[q->nq++], hop->ip, hop->port);
+}
+
+/* Send everything queued (one sendmmsg, UDP_SEGMENT runs with udp_gso), count the batch, and
+ * empty the queue; arena and aux are free again but for arena[0:keep] (a frame being cut). */
+static void txq_flush(fp_ctx *cx, txq_t *q, int udp_fd, uint32_t keep)
+{
+    fp_dir_stats *st = &cx->stats.egress;
+    if (q->nq) {
+        uint32_t nmsg = build_msgs(cx, q->iov, q->dg, q->to, q->nq, q->msgs, q->pkts, q->first,
+                                   q->ctrl);
+        st->drops[FP_DROP_TX_ERROR] +=
+            send_batch(cx, udp_fd, q->msgs, q->pkts, q->first, q->dg, q->iov, nmsg, st);
+    }
+    if (q->taken)
+        count_batch(st, q->taken);
+    txq_reset(q);
+    q->roff = keep;
+}
+
+/* Room for the next frame without a flush: the largest frame behind the queued ones in the
+ * arena; in aux a whole packet (the general path copies) and ROOM_SEGS segment headers;
+ * ROOM_SEGS queue entries. */
+static int txq_room(const txq_t *q, const fp_batch *b)
+{
+    return b->nslots * b->slot_size - q->roff >= FRAME_MAX
+           && b->aux_size - q->used >= FP_IP_MAX_LEN + ROOM_SEGS * FP_SEG_HDR_MAX
+           && FP_MAX_QUEUE - q->nq >= ROOM_SEGS;
+}
+
+/* The general egress vnet path for the frame at frame[0:len] (ending at fend in the arena):
+ * fp_gso_split into aux, then fp_egress on each segment, as on a TUN without vnet headers -
+ * forward (queued), reply (ICMP into the TUN), drop; a frame that cannot be cut is one drop.
+ * Returns the packets taken in. */
+static uint32_t egress_each(fp_ctx *cx, const fp_routes *rt, txq_t *q, fp_batch *b,
+                            const uint8_t *frame, uint32_t len, uint32_t fend, int tun_fd,
+                            int udp_fd)
+{
+    fp_dir_stats *st = &cx->stats.egress;
+    uint32_t seg_lens[FP_MAX_QUEUE];
+    uint8_t reply[FP_REPLY_MAX];
+    int n = fp_gso_split(frame, len, cx->mtu, b->aux + q->used, b->aux_size - q->used, seg_lens,
+                         FP_MAX_QUEUE - q->nq);
+    if (n == -ENOSPC && q->nq) {
+        txq_flush(cx, q, udp_fd, fend);
+        n = fp_gso_split(frame, len, cx->mtu, b->aux, b->aux_size, seg_lens, FP_MAX_QUEUE);
+    }
+    if (n < 0) {
+        st->rx_packets++;
+        st->rx_bytes += len > FP_VNET_HDR_LEN ? len - FP_VNET_HDR_LEN : 0;
+        st->drops[n == -EMSGSIZE ? FP_DROP_OVERSIZE : FP_DROP_BAD_OFFLOAD]++;
+        return 1;
+    }
+    if (frame[1] != FP_VNET_GSO_NONE)
+        cx->stats.tso_reads++;
+    uint64_t now = now_ns();
+    for (int k = 0; k < n; k++) {
+        uint8_t *seg = b->aux + q->used;
+        uint32_t slen = seg_lens[k], rlen = 0;
+        fp_hop hop;
+        q->used += seg_lens[k];
+        st->rx_packets++;
+        st->rx_bytes += slen;
+        int v = fp_egress(cx, rt, seg, &slen, now, &hop, reply, &rlen);
+        if (v == FP_FORWARD)
+            txq_push(q, &hop, seg, slen, NULL, 0);
+        else if (v == FP_REPLY && tun_write(cx, tun_fd, reply, rlen, 0) < 0)
+            st->drops[FP_DROP_TX_ERROR]++;
+    }
+    return (uint32_t)n;
+}
+
+/* Egress with vnet headers: one read per (super-)packet into the arena, one after another;
+ * queued across reads and sent together (see fastpath.h).  A super-packet that fp_egress_super
+ * forwards whole is split without copying: each segment is sent as its own headers (built in
+ * b->aux) plus its payload where the read put it.  Anything else takes egress_each, so drops,
+ * ICMP errors and their counters are fp_egress's either way. */
+static int tun_to_udp_vnet(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int udp_fd,
+                           int budget)
+{
+    fp_dir_stats *st = &cx->stats.egress;
+    txq_t q;
+    uint32_t pay_off[FP_MAX_QUEUE], pay_len[FP_MAX_QUEUE];
+    const uint32_t rbuf = b->nslots * b->slot_size; /* >= FRAME_MAX (check_batch) */
+    int total = 0, rerr = 0;
+    txq_reset(&q);
 
     while (total < budget) {
-        /* room for one more super-packet: a read, 64 KiB of payload plus headers of 128
-         * segments in aux, 128 queue entries */
-        if (b->aux_size - used < IP_MAX_LEN_ + 128 * 120 || FP_MAX_QUEUE - nq < 128
-            || rbuf - roff < frame_max)
-            FLUSH();
-        const uint32_t foff = roff;
-        uint8_t *frame = b->arena + foff;
-        ssize_t r = tun_read(cx, tun_fd, frame, rbuf - foff, &rerr);
+        if (!txq_room(&q, b))
+            txq_flush(cx, &q, udp_fd, 0);
+        uint8_t *frame = b->arena + q.roff;
+        ssize_t r = tun_read(cx, tun_fd, frame, rbuf - q.roff, &rerr);
         if (r < 0)
             break;
-        /* The frame stays put until the next FLUSH; one that comes while the frame is being
-         * cut (its segments did not fit) sends the queue and keeps the frame's room. */
-        const uint32_t fend = foff + (((uint32_t)r + 7u) & ~7u);
-        roff = fend;
-        uint64_t now = now_ns();
-        const uint8_t *ip = frame + FP_VNET_HDR_LEN;
+        const uint32_t len = (uint32_t)r;
+        /* The frame stays put until the next flush; one that comes while the frame is being
+         * cut (its segments did not fit) sends the queue and keeps arena[0:fend]. */
+        const uint32_t fend = q.roff + ((len + 7u) & ~7u);
+        q.roff = fend;
         fp_hop hop;
-        int fast = r >= FP_VNET_HDR_LEN + 20
-                   && (frame[1] & (uint8_t)~FP_VNET_GSO_ECN) != FP_VNET_GSO_NONE
-                   && ip[IP_OFF_TTL] > 1 && (ip[0] >> 4) == 4
-                   && fp_routes_lookup(rt, rd32(ip + IP_OFF_DST), &hop) >= 0;
-        if (fast) {
-            uint32_t hl = 0;
-            frame[FP_VNET_HDR_LEN + IP_OFF_TTL]--; /* each segment's IP checksum is rebuilt */
-            int n = fp_gso_split_hdrs(frame, (uint32_t)r, cx->mtu, b->aux + used,
-                                      b->aux_size - used, &hl, pay_off, seg_lens,
-                                      FP_MAX_QUEUE - nq);
-            if (n == -ENOSPC && nq) {
-                FLUSH();
-                roff = fend;
-                n = fp_gso_split_hdrs(frame, (uint32_t)r, cx->mtu, b->aux, b->aux_size, &hl,
-                                      pay_off, seg_lens, FP_MAX_QUEUE);
-            }
-            if (n > 0) {
-                cx->stats.tso_reads++;
-                for (int k = 0; k < n; k++) {
-                    uint32_t len = hl + seg_lens[k];
-                    iov[niov].iov_base = b->aux + used;
-                    iov[niov].iov_len = hl;
-                    iov[niov + 1].iov_base = frame + pay_off[k];
-                    iov[niov + 1].iov_len = seg_lens[k];
-                    used += hl;
-                    st->rx_packets++;
-                    st->rx_bytes += len;
-                    queue_dgram(dg, to, &nq, &niov, 2, len, &hop);
-                }
-                total += n;
-                taken += (uint32_t)n;
-                continue;
-            }
-            frame[FP_VNET_HDR_LEN + IP_OFF_TTL]++; /* not split: the general path decides */
+        uint32_t hl = 0;
+        int n = fp_egress_super(cx, rt, frame, len, b->aux + q.used, b->aux_size - q.used, &hl,
+                                pay_off, pay_len, FP_MAX_QUEUE - q.nq, &hop);
+        if (n == -ENOSPC && q.nq) {
+            txq_flush(cx, &q, udp_fd, fend);
+            n = fp_egress_super(cx, rt, frame, len, b->aux, b->aux_size, &hl, pay_off, pay_len,
+                                FP_MAX_QUEUE, &hop);
         }
-        int n = fp_gso_split(frame, (uint32_t)r, cx->mtu, b->aux + used, b->aux_size - used,
-                             seg_lens, FP_MAX_QUEUE - nq);
-        if (n == -ENOSPC && nq) {
-            FLUSH();
-            roff = fend;
-            n = fp_gso_split(frame, (uint32_t)r, cx->mtu, b->aux, b->aux_size, seg_lens,
-                             FP_MAX_QUEUE);
-        }
-        if (n < 0) {
-            st->rx_packets++;
-            st->rx_bytes += r > FP_VNET_HDR_LEN ? (uint64_t)r - FP_VNET_HDR_LEN : 0;
-            st->drops[n == -EMSGSIZE ? FP_DROP_OVERSIZE : FP_DROP_BAD_OFFLOAD]++;
-            total++;
-            taken++;
-            continue;
-        }
-        if (frame[1] != FP_VNET_GSO_NONE)
+        if (n > 0) {
             cx->stats.tso_reads++;
-        for (int k = 0; k < n; k++) {
-            uint8_t *seg = b->aux + used;
-            uint32_t len = seg_lens[k], rlen = 0;
-            used += seg_lens[k];
-            st->rx_packets++;
-            st->rx_bytes += len;
-            int v = fp_egress(cx, rt, seg, &len, now, &hop, reply, &rlen);
-            if (v == FP_FORWARD) {
-                iov[niov].iov_base = seg;
-                iov[niov].iov_len = len;
-                queue_dgram(dg, to, &nq, &niov, 1, len, &hop);
-            } else if (v == FP_REPLY && tun_write(cx, tun_fd, reply, rlen, 0) < 0) {
-                st->drops[FP_DROP_TX_ERROR]++;
+            for (int k = 0; k < n; k++) {
+                st->rx_packets++;
+                st->rx_bytes += hl + pay_len[k];
+                txq_push(&q, &hop, b->aux + q.used, hl, frame + pay_off[k], pay_len[k]);
+                q.used += hl;
             }
+        } else {
+            n = (int)egress_each(cx, rt, &q, b, frame, len, fend, tun_fd, udp_fd);
         }
         total += n;
-        taken += (uint32_t)n;
+        q.taken += (uint32_t)n;
     }
-    FLUSH();
-#undef FLUSH
+    txq_flush(cx, &q, udp_fd, 0);
     return total ? total : rerr;
 }
 
@@ -561,9 +592,10 @@ static void gro_flush(fp_ctx *cx, fp_dir_stats *st, gro_queue *q, fp_batch *b, i
         }
         if (tun_writev(cx, tun_fd, v, (int)nspans[k]) == 0) {
             st->tx_packets += out_segs[k];
-            /* what the segments carried: the merged length plus the repeated headers */
-            st->tx_bytes += bytes - FP_VNET_HDR_LEN
-                            + (uint64_t)(out_segs[k] - 1) * le16_hdr_len(v[0].iov_base);
+            /* what the segments carried: the merged length plus the repeated headers (the
+             * virtio-net header's hdr_len, little-endian at offset 2) */
+            const uint8_t *vh = v[0].iov_base;
+            st->tx_bytes += bytes - FP_VNET_HDR_LEN + (uint64_t)(out_segs[k] - 1) * le16(vh + 2);
             if (out_segs[k] > 1)
                 cx->stats.tun_gro_writes++;
         } else {
@@ -585,7 +617,7 @@ static void ingress_one(fp_ctx *cx, fp_dir_stats *st, uint8_t *pkt, uint32_t len
     st->rx_bytes += len;
     int v = fp_ingress(cx, pkt, &len, now, reply, &rlen);
     if (v == FP_FORWARD && q) {
-        if (q->n == FP_MAX_QUEUE) /* aux holds only headers: at most 130 bytes a packet */
+        if (q->n == FP_MAX_QUEUE) /* aux holds only headers: FP_SPAN_HDR_MAX bytes a packet */
             gro_flush(cx, st, q, b, tun_fd);
         q->p[q->n] = pkt;
         q->len[q->n++] = len;

@@ -14,11 +14,6 @@
 #define TCP_CWR 0x80
 #define IPPROTO_TCP_ 6
 #define IPPROTO_UDP_ 17
-#define IP_MAX_LEN 65535
-
-/* The virtio-net header is little-endian (a TUN uses the host's order; x86 and arm64 are LE). */
-static inline uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-static inline void wle16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
 
 /* Pseudo-header sum for TCP/UDP over IPv4 (RFC 793 / RFC 768), not folded. */
 static inline uint64_t pseudo_sum(const uint8_t *ip, uint8_t proto, uint32_t l4_len)
@@ -270,7 +265,7 @@ static uint32_t gro_run(uint8_t **pkts, const uint32_t *lens, uint32_t n, uint32
     uint32_t j = i + 1, t = gro_candidate(pkts[i], lens[i]);
     uint32_t g = t ? lens[i] - 20 - t : 0, tot = lens[i];
     while (t && j < n && j - i < FP_GSO_MAX_SEGS && gro_candidate(pkts[j], lens[j]) == t
-           && tot + lens[j] - 20 - t <= IP_MAX_LEN
+           && tot + lens[j] - 20 - t <= FP_IP_MAX_LEN
            && gro_follows(pkts[i], pkts[j - 1], lens[j - 1], pkts[j], lens[j], t, g)) {
         tot += lens[j] - 20 - t;
         j++;

@@ -1,5 +1,6 @@
 /* packet.c - the sans-IO core: IPv4 validation, TTL decrement (RFC 1624), ICMP errors,
- * the ICMP token bucket and the per-packet verdicts fp_egress / fp_ingress.
+ * the ICMP token bucket, the per-packet verdicts fp_egress / fp_ingress, and fp_egress_super,
+ * fp_egress's verdict made once for all segments of a super-packet (the egress vnet path).
  * No syscalls, no globals, no allocation: everything works on caller-owned bytes. */
 #include "internal.h"
 
@@ -174,6 +175,25 @@ int fp_egress(fp_ctx *cx, const fp_routes *rt, uint8_t *pkt, uint32_t *len, uint
     }
     decrement_ttl(pkt);
     return FP_FORWARD;
+}
+
+int fp_egress_super(const fp_ctx *cx, const fp_routes *rt, uint8_t *frame, uint32_t len,
+                    uint8_t *hdrs, uint32_t hdrs_cap, uint32_t *hdr_len, uint32_t *pay_off,
+                    uint32_t *pay_len, uint32_t max_segs, fp_hop *hop)
+{
+    if (len < FP_VNET_HDR_LEN + 20 || (frame[1] & (uint8_t)~FP_VNET_GSO_ECN) == FP_VNET_GSO_NONE)
+        return 0;
+    const uint8_t *ip = frame + FP_VNET_HDR_LEN;
+    /* fp_egress's verdict for each segment: they share version, TTL and destination.  The
+     * other checks (lengths, header checksum) hold for segments the split builds. */
+    if ((ip[0] >> 4) != 4 || ip[IP_OFF_TTL] <= 1
+        || fp_routes_lookup(rt, rd32(ip + IP_OFF_DST), hop) < 0)
+        return 0;
+    int n = fp_gso_split_hdrs(frame, len, cx->mtu, hdrs, hdrs_cap, hdr_len, pay_off, pay_len,
+                              max_segs);
+    for (int i = 0; i < n; i++)
+        decrement_ttl(hdrs + (size_t)i * *hdr_len);
+    return n;
 }
 
 int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,

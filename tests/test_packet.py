@@ -40,6 +40,12 @@ def _header_enum(prefix: str, count_name: str) -> tuple[str, ...]:
     return tuple(found[i] for i in range(count))
 
 
+def _header_constants() -> dict[str, int]:
+    """Every `#define FP_NAME <integer>` of csrc/fastpath.h, as {"NAME": value}."""
+    text = (Path(__file__).resolve().parent.parent / "csrc" / "fastpath.h").read_text()
+    return {k: int(v, 0) for k, v in re.findall(r"#define FP_(\w+) (0x[0-9a-fA-F]+|\d+)", text)}
+
+
 DROP_REASONS = _header_enum("FP_DROP_", "REASONS")
 SYSCALL_KINDS = _header_enum("FP_SYS_", "KINDS")
 
@@ -116,6 +122,44 @@ def test_constants(impl):
     assert impl.SYSCALL_KINDS == SYSCALL_KINDS
     assert (impl.HIST_BUCKETS, impl.MAX_BATCH, impl.MAX_SLOT) == (8, 64, 65536)
     assert (impl.REPLY_MAX, impl.ICMP_TTL, impl.DEFAULT_PORT) == (96, 8, 8285)
+
+
+# The twin's mirrors of fastpath.h's constants (each name is the header's without FP_).
+MIRRORED = (
+    "DEFAULT_PORT",
+    "MAX_BATCH",
+    "MAX_SLOT",
+    "REPLY_MAX",
+    "ICMP_TTL",
+    "GSO_MAX_SEGS",
+    "IP_MAX_LEN",
+    "HIST_BUCKETS",
+    "STEER_MAX_SOCKS",
+    "VNET_HDR_LEN",
+    "VNET_F_NEEDS_CSUM",
+    "VNET_GSO_NONE",
+    "VNET_GSO_TCPV4",
+    "VNET_GSO_UDP_L4",
+    "VNET_GSO_ECN",
+)
+
+
+def test_constants_are_the_headers(impl, py_impl):
+    """Every integer either implementation exposes under a fastpath.h name has the header's
+    value, and the twin mirrors the ones it uses."""
+    header = _header_constants()
+    assert set(MIRRORED) <= set(header)
+    for name in MIRRORED:
+        assert getattr(py_impl, name) == header[name], name
+    for name, value in header.items():
+        if isinstance(getattr(impl, name, None), int):
+            assert getattr(impl, name) == value, name
+    # the header sizes, as the header derives them
+    assert header["UDP_MAX_PAYLOAD"] == header["IP_MAX_LEN"] - 20 - 8
+    assert header["SEG_HDR_MAX"] == 60 + 60
+    assert header["SPAN_HDR_MAX"] == header["VNET_HDR_LEN"] + header["SEG_HDR_MAX"]
+    assert header["AUX_MIN"] >= header["IP_MAX_LEN"] + header["MAX_QUEUE"] * header["SEG_HDR_MAX"]
+    assert header["AUX_MIN"] >= header["MAX_QUEUE"] * header["SPAN_HDR_MAX"]
 
 
 @pytest.mark.parametrize("mtu", [0, 67, 65536, 100000])

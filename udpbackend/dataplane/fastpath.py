@@ -25,6 +25,9 @@ HIST_BUCKETS = lib.FP_HIST_BUCKETS
 ICMP_TTL = lib.FP_ICMP_TTL
 DEFAULT_PORT = lib.FP_DEFAULT_PORT
 VNET_HDR_LEN = lib.FP_VNET_HDR_LEN
+IP_MAX_LEN = lib.FP_IP_MAX_LEN
+SEG_HDR_MAX = lib.FP_SEG_HDR_MAX  # split: header bytes per segment that always suffice
+SPAN_HDR_MAX = lib.FP_SPAN_HDR_MAX  # merge: header bytes per TUN write that always suffice
 AUX_SIZE = 4 << 20  # >= FP_AUX_MIN: room for a few dozen split or merged super-packets
 
 __all__ = [
@@ -190,7 +193,7 @@ def gso_split(buf: bytes | bytearray, mtu: int, max_segs: int = 1024) -> list[by
     bytes. Raises ValueError (EINVAL), OverflowError (EMSGSIZE: over mtu) or MemoryError
     (ENOSPC)."""
     src = ffi.from_buffer(buf)
-    cap = len(buf) + max_segs * 120
+    cap = len(buf) + max_segs * SEG_HDR_MAX
     out = ffi.new("uint8_t[]", cap)
     lens = ffi.new("uint32_t[]", max_segs)
     n = lib.fp_gso_split(src, len(buf), mtu, out, cap, lens, max_segs)
@@ -210,12 +213,13 @@ def gso_split_hdrs(buf: bytes | bytearray, mtu: int, max_segs: int = 1024) -> li
     joined: the same bytes and errors as gso_split."""
     frame = bytearray(buf)  # a GSO_NONE packet has its checksum completed in place
     src = ffi.from_buffer(frame, require_writable=True)
-    hdrs = ffi.new("uint8_t[]", max(max_segs, 1) * 120)
+    hdrs_cap = max(max_segs, 1) * SEG_HDR_MAX
+    hdrs = ffi.new("uint8_t[]", hdrs_cap)
     hdr_len = ffi.new("uint32_t *")
     off = ffi.new("uint32_t[]", max(max_segs, 1))
     lens = ffi.new("uint32_t[]", max(max_segs, 1))
     n = lib.fp_gso_split_hdrs(
-        src, len(frame), mtu, hdrs, max(max_segs, 1) * 120, hdr_len, off, lens, max_segs
+        src, len(frame), mtu, hdrs, hdrs_cap, hdr_len, off, lens, max_segs
     )
     if n < 0:
         raise {-errno.EINVAL: ValueError, -errno.EMSGSIZE: OverflowError}.get(n, MemoryError)(
@@ -267,11 +271,11 @@ def gro_coalesce_spans(pkts: list[bytes]) -> list[tuple[bytes, int]]:
     arr = ffi.new("uint8_t *[]", bufs) if n else ffi.new("uint8_t *[]", 1)
     lens = ffi.new("uint32_t[]", [len(p) for p in pkts] or [0])
     cap = max(n, 1)
-    hdrs = ffi.new("uint8_t[]", 130 * cap)
+    hdrs = ffi.new("uint8_t[]", SPAN_HDR_MAX * cap)
     spans = ffi.new("fp_span[]", 2 * cap)
     span0, nspans, segs = (ffi.new("uint32_t[]", cap) for _ in range(3))
     m = lib.fp_gro_coalesce_spans(
-        arr, lens, n, hdrs, 130 * cap, spans, 2 * cap, span0, nspans, segs, cap
+        arr, lens, n, hdrs, SPAN_HDR_MAX * cap, spans, 2 * cap, span0, nspans, segs, cap
     )
     if m < 0:
         raise MemoryError(os.strerror(-m))

@@ -61,6 +61,7 @@ ICMP_TTL = 8
 DEFAULT_PORT = 8285
 STEER_MAX_SOCKS = 256  # FP_STEER_MAX_SOCKS
 GSO_MAX_SEGS = 64  # FP_GSO_MAX_SEGS: also the most segments one TUN write may merge
+IP_MAX_LEN = 65535  # FP_IP_MAX_LEN: also the most bytes one TUN write may merge into
 # TUN offloads (IFF_VNET_HDR): the 10-byte little-endian virtio-net header of fastpath.h.
 VNET_HDR_LEN = 10
 VNET_F_NEEDS_CSUM = 1
@@ -416,7 +417,6 @@ _TCP_FIN, _TCP_SYN, _TCP_RST, _TCP_PSH = 0x01, 0x02, 0x04, 0x08
 _TCP_ACK, _TCP_URG, _TCP_ECE, _TCP_CWR = 0x10, 0x20, 0x40, 0x80
 _GRO_NO_MERGE = _TCP_SYN | _TCP_FIN | _TCP_RST | _TCP_URG | _TCP_ECE | _TCP_CWR
 _IPPROTO_TCP, _IPPROTO_UDP = 6, 17
-_IP_MAX_LEN = 65535
 
 
 def _words(data: bytes | bytearray) -> int:
@@ -613,7 +613,7 @@ def gro_coalesce(pkts: list[bytes]) -> list[tuple[bytes, int]]:
             and j < n
             and j - i < GSO_MAX_SEGS
             and _gro_candidate(ps[j]) == thl
-            and total + len(ps[j]) - 20 - thl <= _IP_MAX_LEN
+            and total + len(ps[j]) - 20 - thl <= IP_MAX_LEN
             and _gro_follows(first, ps[j - 1], ps[j], thl, gso)
         ):
             total += len(ps[j]) - 20 - thl
