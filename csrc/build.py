@@ -1,7 +1,8 @@
 """cffi builder for udpbackend._fastpath (build time only; never imported at run time).
 
 The cdef is csrc/fastpath.h verbatim: the header is the contract. UDPBACKEND_SANITIZE=1 builds
-with AddressSanitizer/UBSan for local debugging.
+with AddressSanitizer/UBSan (compiled and linked in; load it into a Python that has libasan
+preloaded, as tests/test_sanitizers.py does).
 """
 
 import os
@@ -15,8 +16,11 @@ with open(os.path.join(HERE, "fastpath.h")) as f:
     header = f.read()
 
 extra = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"]
+link: list[str] = []
 if os.environ.get("UDPBACKEND_SANITIZE") == "1":
-    extra += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1"]
+    sanitize = "-fsanitize=address,undefined"
+    extra += [sanitize, "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-O1"]
+    link += [sanitize]
 
 ffibuilder = FFI()
 ffibuilder.cdef(header)
@@ -28,6 +32,7 @@ ffibuilder.set_source(
     include_dirs=["csrc"],
     depends=[os.path.join("csrc", "fastpath.h"), os.path.join("csrc", "internal.h")],
     extra_compile_args=extra,
+    extra_link_args=link,
 )
 
 if __name__ == "__main__":

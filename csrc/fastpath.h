@@ -112,8 +112,13 @@ typedef struct {
 } fp_hop;
 
 /* A batch arena: nslots slots of slot_size bytes at arena, slot i at arena + i * slot_size.
- * Owned by the caller; slot_size must be >= mtu + 1 (so that an over-MTU datagram is seen,
- * never truncated) and <= FP_MAX_SLOT; 1 <= nslots <= FP_MAX_BATCH. */
+ * Owned by the caller; 1 <= nslots <= FP_MAX_BATCH, and mtu + 1 <= slot_size <= FP_MAX_SLOT
+ * (so that an over-MTU datagram is seen whole, never truncated).  Any such size is valid: the
+ * pumps never touch a byte outside arena[0:nslots * slot_size] nor outside aux[0:aux_size].
+ * Further rules, else the pump returns -EINVAL before taking anything in:
+ *   - cx->vnet (both pumps): aux set, and nslots * slot_size >= FP_VNET_HDR_LEN +
+ *     FP_IP_MAX_LEN, the largest frame a TUN read may return (egress reads frames one after
+ *     another into the arena, not slot by slot). */
 typedef struct {
     uint8_t *arena;
     uint32_t slot_size;
@@ -248,7 +253,7 @@ int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
  * once `budget` have been taken (so that a caller on an event loop is never starved) and stops
  * early at EAGAIN.  A UDP_GRO receive is taken whole, so fp_udp_to_tun may go past the budget
  * by the datagrams of its last receive (at most 63 more with the kernel's 64-segment GRO).  Returns the number of packets taken in, or -errno for an fd-level failure when
- * none were (EAGAIN is not a failure).
+ * none were (EAGAIN is not a failure) or for a batch that breaks fp_batch's rules.
  *
  * fp_tun_to_udp (egress), one round:
  *   1. read up to nslots packets from tun_fd into b's slots (one read each: a TUN has no

@@ -344,7 +344,7 @@ typedef struct {
     ctrl_t ctrl[FP_MAX_QUEUE];
     uint32_t nq, niov;           /* datagrams and iovecs queued */
     uint32_t used;               /* bytes of b->aux holding queued bytes, <= aux_size */
-    uint32_t roff;               /* bytes of the arena holding queued frames */
+    uint32_t roff;               /* bytes of the arena holding queued frames, <= its size */
     uint32_t taken;              /* packets taken in since the last flush: one batch */
 } txq_t;
 
@@ -387,7 +387,7 @@ static void txq_flush(fp_ctx *cx, txq_t *q, int udp_fd, uint32_t keep)
  * ROOM_SEGS queue entries. */
 static int txq_room(const txq_t *q, const fp_batch *b)
 {
-    return b->nslots * b->slot_size - q->roff >= FRAME_MAX
+    return q->roff <= b->nslots * b->slot_size - FRAME_MAX
            && b->aux_size - q->used >= FP_IP_MAX_LEN + ROOM_SEGS * FP_SEG_HDR_MAX
            && FP_MAX_QUEUE - q->nq >= ROOM_SEGS;
 }
@@ -457,10 +457,11 @@ static int tun_to_udp_vnet(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun
         if (r < 0)
             break;
         const uint32_t len = (uint32_t)r;
-        /* The frame stays put until the next flush; one that comes while the frame is being
-         * cut (its segments did not fit) sends the queue and keeps arena[0:fend]. */
-        const uint32_t fend = q.roff + ((len + 7u) & ~7u);
-        q.roff = fend;
+        /* The frame stays put until the next flush; the next one is read 8-aligned behind it,
+         * never past the arena's end (then txq_room sees no room).  A flush while the frame is
+         * being cut (its segments did not fit) keeps arena[0:fend]. */
+        uint32_t fend = q.roff + ((len + 7u) & ~7u);
+        q.roff = fend = fend < rbuf ? fend : rbuf;
         fp_hop hop;
         uint32_t hl = 0;
         int n = fp_egress_super(cx, rt, frame, len, b->aux + q.used, b->aux_size - q.used, &hl,
