@@ -94,10 +94,11 @@ typedef struct {
                                   * UDP_SEGMENT message (set by fp_udp_offloads; cleared if the
                                   * kernel refuses with EIO) */
     uint32_t udp_gro;            /* batched: the socket has UDP_GRO on, a receive may hold several
-                                  * datagrams of one size (set by fp_udp_offloads) */
+                                  * datagrams of one size (set by fp_udp_offloads; ingress slots
+                                  * must then hold a GRO receive, see fp_batch) */
     uint32_t vnet;               /* batched: the TUN was opened with IFF_VNET_HDR, so every read and
                                   * write carries a virtio-net header (set by the caller before
-                                  * the first pump call; needs fp_batch.aux) */
+                                  * the first pump call; needs fp_batch.aux, see fp_batch) */
     uint32_t icmp_rate;          /* ICMP errors per second refilled into the bucket; 0: never send */
     uint32_t icmp_burst;         /* bucket capacity */
     uint32_t icmp_tokens;        /* state: tokens left */
@@ -116,6 +117,8 @@ typedef struct {
  * (so that an over-MTU datagram is seen whole, never truncated).  Any such size is valid: the
  * pumps never touch a byte outside arena[0:nslots * slot_size] nor outside aux[0:aux_size].
  * Further rules, else the pump returns -EINVAL before taking anything in:
+ *   - fp_udp_to_tun with cx->udp_gro: slot_size >= FP_UDP_MAX_PAYLOAD, so that a GRO receive
+ *     (up to FP_UDP_MAX_PAYLOAD bytes of datagrams) is never cut;
  *   - cx->vnet (both pumps): aux set, and nslots * slot_size >= FP_VNET_HDR_LEN +
  *     FP_IP_MAX_LEN, the largest frame a TUN read may return (egress reads frames one after
  *     another into the arena, not slot by slot). */

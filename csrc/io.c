@@ -95,10 +95,13 @@ static void set_addr(struct sockaddr_in *sa, uint32_t ip, uint16_t port)
     sa->sin_port = htons(port);
 }
 
-static int check_batch(const fp_ctx *cx, const fp_batch *b)
+/* fp_batch's rules (fastpath.h); receiving: the batch takes UDP receives. */
+static int check_batch(const fp_ctx *cx, const fp_batch *b, int receiving)
 {
     if (!b->arena || b->nslots < 1 || b->nslots > FP_MAX_BATCH || b->slot_size > FP_MAX_SLOT
         || b->slot_size < cx->mtu + 1)
+        return -EINVAL;
+    if (receiving && cx->udp_gro && b->slot_size < FP_UDP_MAX_PAYLOAD)
         return -EINVAL;
     if (cx->vnet && (!b->aux || b->aux_size < FP_AUX_MIN
                      || (uint64_t)b->nslots * b->slot_size < FRAME_MAX))
@@ -491,7 +494,7 @@ static int tun_to_udp_vnet(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun
 
 int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int udp_fd, int budget)
 {
-    int err = check_batch(cx, b);
+    int err = check_batch(cx, b, 0);
     if (err)
         return err;
     if (cx->vnet && !cx->per_packet)
@@ -649,7 +652,7 @@ static uint32_t gro_size(struct msghdr *h)
 
 int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget)
 {
-    int err = check_batch(cx, b);
+    int err = check_batch(cx, b, 1);
     if (err)
         return err;
     fp_dir_stats *st = &cx->stats.ingress;
@@ -715,8 +718,9 @@ int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget)
         for (int i = 0; i < n; i++) {
             uint8_t *slot = b->arena + (size_t)i * b->slot_size;
             uint32_t len = msgs[i].msg_len;
-            /* A slot is at least mtu + 1 bytes, so a datagram cut by the kernel (MSG_TRUNC;
-             * recvfrom reports the real length) is always also over the MTU: never written. */
+            /* A slot is at least mtu + 1 bytes, and with udp_gro at least FP_UDP_MAX_PAYLOAD
+             * (check_batch): a message cut by the kernel (MSG_TRUNC; recvfrom reports the real
+             * length) is one datagram over the MTU, never written. */
             if (len > b->slot_size || (msgs[i].msg_hdr.msg_flags & MSG_TRUNC)) {
                 st->rx_packets++;
                 st->rx_bytes += len;

@@ -1,7 +1,8 @@
 # The C pumps at the edges of what fastpath.h allows, driven through cffi with batches built here:
 # slot sizes the contract permits but Pump never uses, every caller-owned buffer (arena, aux)
-# lent between guard zones that must come back untouched.  The fuzz findings of the trust issue
-# are pinned here; the same tests run under AddressSanitizer in tests/test_sanitizers.py.
+# lent between guard zones that must come back untouched, UDP_GRO receives against the slot
+# size, and the budget's true bound.  The fuzz findings of the trust issue are pinned here; the
+# same tests run under AddressSanitizer in tests/test_sanitizers.py.
 from __future__ import annotations
 
 import errno
@@ -193,3 +194,49 @@ def test_vnet_egress_stays_inside_any_arena(make_rig, nslots, slot_size):
     assert rig.peer_in(len(want)) == want
     s = rig.cx.stats()
     assert s["tso_reads"] == 3 and s["egress"]["tx_packets"] == s["egress"]["rx_packets"]
+
+
+# --- ingress with UDP_GRO: a receive may hold many datagrams ---------------------------------
+
+
+def gro_run(n: int, size: int = MTU) -> list[bytes]:
+    """n valid packets of size bytes (distinct payloads), for one UDP_SEGMENT message."""
+    return [ipv4_udp(SRC, DST, bytes([i % 256]) * (size - 28), ident=i) for i in range(n)]
+
+
+def test_udp_gro_needs_slots_a_gro_receive_fits(make_rig, c_impl):
+    # slot_size = mtu + 1 is enough for one datagram, not for a GRO receive of twenty: the
+    # kernel would cut it (MSG_TRUNC) and twenty valid packets would go as one "oversize".
+    rig = make_rig()
+    rig.udp_gro()
+    pkts = gro_run(20)
+    rig.gso_send(pkts)
+    assert rig.udp_to_tun(rig.batch(8, MTU + 1), 100) == -errno.EINVAL
+    assert rig.cx.stats()["ingress"]["rx_packets"] == 0, "refused before anything was taken"
+    small = c_impl.lib.FP_UDP_MAX_PAYLOAD - 1
+    assert rig.udp_to_tun(rig.batch(8, small), 100) == -errno.EINVAL
+    # a slot of FP_UDP_MAX_PAYLOAD bytes holds any GRO receive: all twenty get through
+    assert rig.udp_to_tun(rig.batch(8, c_impl.lib.FP_UDP_MAX_PAYLOAD), 100) == 20
+    assert rig.tun_out() == [forwarded(p) for p in pkts]
+    s = rig.cx.stats()
+    assert s["gro_receives"] == 1 and s["ingress"]["drops"]["oversize"] == 0
+    # egress never receives: its batch is not held to the GRO rule
+    assert rig.tun_to_udp(rig.batch(8, MTU + 1), 100) == 0
+
+
+def test_pump_with_small_slots_leaves_udp_gro_off(make_rig, c_impl):
+    rig = make_rig()
+    tun_fd = rig.tun_end.fileno()
+    pump = c_impl.Pump(rig.cx, rig.routes, tun_fd, rig.sock, offload=True, slot_size=MTU + 1)
+    assert pump.offloads["udp_gro"] is False, "a GRO receive would not fit a slot"
+    pkts = gro_run(20)
+    rig.gso_send(pkts)
+    assert pump.udp_to_tun(100) == 20  # the kernel hands them over one datagram each
+    assert rig.tun_out() == [forwarded(p) for p in pkts]
+    with pytest.raises(ValueError):
+        c_impl.Pump(rig.cx, rig.routes, 0, rig.sock, slot_size=MTU)  # must see an over-MTU one
+    with pytest.raises(ValueError):
+        c_impl.Pump(rig.cx, rig.routes, 0, rig.sock, slot_size=c_impl.MAX_SLOT + 1)
+    with pytest.raises(ValueError):  # two slots of 32772 bytes cannot hold a 65545-byte frame
+        c_impl.Pump(rig.cx, rig.routes, 0, rig.sock, batch=2, slot_size=32772, vnet=True)
+    c_impl.Pump(rig.cx, rig.routes, 0, rig.sock, batch=2, slot_size=32773, vnet=True)

@@ -26,6 +26,7 @@ ICMP_TTL = lib.FP_ICMP_TTL
 DEFAULT_PORT = lib.FP_DEFAULT_PORT
 VNET_HDR_LEN = lib.FP_VNET_HDR_LEN
 IP_MAX_LEN = lib.FP_IP_MAX_LEN
+UDP_MAX_PAYLOAD = lib.FP_UDP_MAX_PAYLOAD  # with UDP GRO, an ingress slot holds this much
 SEG_HDR_MAX = lib.FP_SEG_HDR_MAX  # split: header bytes per segment that always suffice
 SPAN_HDR_MAX = lib.FP_SPAN_HDR_MAX  # merge: header bytes per TUN write that always suffice
 AUX_SIZE = 4 << 20  # >= FP_AUX_MIN: room for a few dozen split or merged super-packets
@@ -218,9 +219,7 @@ def gso_split_hdrs(buf: bytes | bytearray, mtu: int, max_segs: int = 1024) -> li
     hdr_len = ffi.new("uint32_t *")
     off = ffi.new("uint32_t[]", max(max_segs, 1))
     lens = ffi.new("uint32_t[]", max(max_segs, 1))
-    n = lib.fp_gso_split_hdrs(
-        src, len(frame), mtu, hdrs, hdrs_cap, hdr_len, off, lens, max_segs
-    )
+    n = lib.fp_gso_split_hdrs(src, len(frame), mtu, hdrs, hdrs_cap, hdr_len, off, lens, max_segs)
     if n < 0:
         raise {-errno.EINVAL: ValueError, -errno.EMSGSIZE: OverflowError}.get(n, MemoryError)(
             os.strerror(-n)
@@ -289,8 +288,11 @@ def gro_coalesce_spans(pkts: list[bytes]) -> list[tuple[bytes, int]]:
 class Pump:
     """Both directions of the data plane for one TUN fd and one UDP socket (C pumps).
 
-    Owns two batch arenas of ``batch`` slots each; a slot holds the largest IPv4 packet, so a
-    datagram over the MTU is seen whole and dropped as ``oversize``, never cut.
+    Owns two batch arenas of ``batch`` slots of ``slot_size`` bytes each, held to fp_batch's
+    rules (fastpath.h) here, before C sees them: a slot holds at least mtu + 1 bytes, so a
+    datagram over the MTU is seen whole and dropped as ``oversize``, never cut; UDP GRO is
+    asked for only when a slot holds a whole GRO receive (``UDP_MAX_PAYLOAD``: the default
+    ``MAX_SLOT`` does); with ``vnet`` the arena must hold the largest frame.
     """
 
     def __init__(
@@ -302,13 +304,24 @@ class Pump:
         batch: int = 64,
         offload: bool = False,
         vnet: bool = False,
+        slot_size: int = MAX_SLOT,
     ) -> None:
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be 1..{MAX_BATCH}")
-        if vnet and (cx.per_packet or batch < 2):
-            raise ValueError("vnet headers need batched mode and batch >= 2")
-        # UDP GSO/GRO on the socket (batched mode only): what the kernel refused stays off.
+        if not cx.mtu + 1 <= slot_size <= MAX_SLOT:
+            raise ValueError(f"slot_size must be mtu + 1..{MAX_SLOT}, not {slot_size}")
+        if vnet and cx.per_packet:
+            raise ValueError("vnet headers need batched mode")
+        if vnet and batch * slot_size < VNET_HDR_LEN + IP_MAX_LEN:
+            raise ValueError(
+                f"vnet headers need batch * slot_size >= {VNET_HDR_LEN + IP_MAX_LEN}, "
+                "the largest frame (with MAX_SLOT slots: batch >= 2)"
+            )
+        # UDP GSO/GRO on the socket (batched mode only): what the kernel refused stays off, and
+        # GRO stays off when a GRO receive would not fit a slot (fp_udp_to_tun refuses that).
         want = lib.FP_OFFLOAD_GSO | lib.FP_OFFLOAD_GRO if offload else 0
+        if slot_size < UDP_MAX_PAYLOAD:
+            want &= ~lib.FP_OFFLOAD_GRO
         got = lib.fp_udp_offloads(cx._cx, udp_sock.fileno(), want)
         self.offloads = {
             "udp_gso": bool(got & lib.FP_OFFLOAD_GSO),
@@ -320,12 +333,12 @@ class Pump:
         self.tun_fd = tun_fd
         self.udp_sock = udp_sock
         self._udp_fd = udp_sock.fileno()
-        self._arenas = [bytearray(batch * MAX_SLOT) for _ in range(2)]
+        self._arenas = [bytearray(batch * slot_size) for _ in range(2)]
         self._batches = []
         for arena in self._arenas:
             b = ffi.new("fp_batch *")
             b.arena = ffi.from_buffer("uint8_t[]", arena, require_writable=True)
-            b.slot_size = MAX_SLOT
+            b.slot_size = slot_size
             b.nslots = batch
             self._batches.append((b, b.arena))  # keep the cdata buffer alive with the struct
         self._egress_batch = self._batches[0][0]
