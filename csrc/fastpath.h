@@ -254,9 +254,14 @@ int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
 
 /* The pumps.  Never block for long: fds must be non-blocking.  Each stops taking in packets
  * once `budget` have been taken (so that a caller on an event loop is never starved) and stops
- * early at EAGAIN.  A UDP_GRO receive is taken whole, so fp_udp_to_tun may go past the budget
- * by the datagrams of its last receive (at most 63 more with the kernel's 64-segment GRO).  Returns the number of packets taken in, or -errno for an fd-level failure when
- * none were (EAGAIN is not a failure) or for a batch that breaks fp_batch's rules.
+ * early at EAGAIN.  Returns the number of packets taken in, or -errno for an fd-level failure
+ * when none were (EAGAIN is not a failure) or for a batch that breaks fp_batch's rules.
+ * fp_udp_to_tun with udp_gro may return more than budget: one recvmmsg asks for
+ * min(budget - taken, nslots) messages and takes each whole, and a message may hold K
+ * datagrams (K = 64 merged from the wire; from a local UDP_SEGMENT sender, the kernel's
+ * UDP_MAX_SEGMENTS: 64, or 128 since Linux 6.11), so the return is at most
+ * budget + (K - 1) * min(budget, nslots): budget 2 may bring 128 (or 256).  Without udp_gro
+ * it is at most budget.
  *
  * fp_tun_to_udp (egress), one round:
  *   1. read up to nslots packets from tun_fd into b's slots (one read each: a TUN has no

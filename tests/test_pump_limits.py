@@ -240,3 +240,29 @@ def test_pump_with_small_slots_leaves_udp_gro_off(make_rig, c_impl):
     with pytest.raises(ValueError):  # two slots of 32772 bytes cannot hold a 65545-byte frame
         c_impl.Pump(rig.cx, rig.routes, 0, rig.sock, batch=2, slot_size=32772, vnet=True)
     c_impl.Pump(rig.cx, rig.routes, 0, rig.sock, batch=2, slot_size=32773, vnet=True)
+
+
+def test_udp_gro_budget_bound(make_rig):
+    # fastpath.h: one recvmmsg asks for min(budget - taken, nslots) messages and takes each
+    # whole, so the return may pass the budget by (K - 1) * min(budget, nslots), K the
+    # datagrams one receive may hold (64 from the wire; UDP_MAX_SEGMENTS from a local sender).
+    rig = make_rig()
+    rig.udp_gro()
+    b = rig.batch(8, 65536)
+    runs = [gro_run(64, 100) for _ in range(3)]
+    for run in runs:
+        rig.gso_send(run)
+    got = rig.udp_to_tun(b, 2)
+    assert got == 128, "two messages of 64 datagrams each, for a budget of 2"
+    assert got > 2 + 63, "more than 'at most 63 more'"
+    assert got <= 2 + (64 - 1) * min(2, 8)
+    assert rig.tun_out() == [forwarded(p) for p in runs[0] + runs[1]]
+    assert rig.udp_to_tun(b, 1) == 64, "the third message was left for the next call"
+    assert rig.tun_out() == [forwarded(p) for p in runs[2]]
+    assert rig.cx.stats()["gro_receives"] == 3
+    # Linux >= 6.11 lets a local sender put 128 segments in one message (UDP_MAX_SEGMENTS)
+    run = gro_run(128, 100)
+    if not rig.gso_send(run, may_fail=True):
+        return
+    assert rig.udp_to_tun(b, 1) == 128 <= 1 + (128 - 1) * min(1, 8)
+    assert rig.tun_out() == [forwarded(p) for p in run]

@@ -367,7 +367,10 @@ class Pump:
         return bool(self.cx._cx.udp_gso)
 
     def udp_to_tun(self, budget: int) -> int:
-        """Forward up to ``budget`` datagrams from the UDP socket into the TUN."""
+        """Forward up to ``budget`` datagrams from the UDP socket into the TUN; returns
+        datagrams taken. With UDP GRO a receive is taken whole, so the return may pass the
+        budget: at most budget + (K - 1) * min(budget, batch), K the datagrams one receive
+        holds (64 from the wire, up to 128 from a local sender on Linux >= 6.11; fastpath.h)."""
         rc = lib.fp_udp_to_tun(self.cx._cx, self._ingress_batch, self._udp_fd, self.tun_fd, budget)
         if rc < 0:
             raise _oserror(rc)

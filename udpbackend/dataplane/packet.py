@@ -664,7 +664,9 @@ class Pump:
 
     tun_fd and udp_sock must be non-blocking.  Each pump call takes in at most `budget`
     packets and stops early at EAGAIN; it returns the number taken in, and raises OSError for
-    an fd-level failure only when none were taken.  Counters go to cx as in fp_tun_to_udp /
+    an fd-level failure only when none were taken.  (The C pump with UDP GRO may pass the
+    budget by the datagrams of its last receive, see fastpath.h; one datagram per receive
+    here never does.)  Counters go to cx as in fp_tun_to_udp /
     fp_udp_to_tun with per_packet set.  `batch` and `offload` are accepted for API parity with
     the C Pump; one packet per syscall means no batches and no UDP GSO/GRO here.
     """
