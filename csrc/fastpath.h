@@ -182,9 +182,12 @@ int fp_udp_offloads(fp_ctx *cx, int udp_fd, uint32_t want);
  * NEEDS_CSUM; TCPV4 / UDP_L4 -> gso_size payload bytes per segment, headers copied, IP
  * length, id (+i) and checksum, TCP sequence number (FIN/PSH only on the last, CWR only on the
  * first) or UDP length, and the full L4 checksum set.  hdr_len is not trusted; bytes past
- * the IPv4 total length are ignored.  Returns the number of segments, -EINVAL for a header
- * or packet that cannot be split, -EMSGSIZE when a segment would pass mtu (counted as an
- * oversize drop by the pump), -ENOSPC when out or max_segs is too small. */
+ * the IPv4 total length are ignored.  Only a cut is held to mtu: a GSO_NONE packet is returned
+ * whole whatever its length (the egress pump's fp_egress then drops one over the mtu as
+ * oversize, as it does without vnet headers).  Returns the number of segments, -EINVAL for a
+ * header or packet that cannot be split, -EMSGSIZE when a segment cut from a TCPV4/UDP_L4
+ * super-packet would pass mtu (counted as an oversize drop by the pump), -ENOSPC when out or
+ * max_segs is too small (out needs the packet's length plus FP_SEG_HDR_MAX per segment). */
 int fp_gso_split(const uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *out, uint32_t out_cap,
                  uint32_t *seg_lens, uint32_t max_segs);
 

@@ -754,6 +754,25 @@ def test_vnet_super_packet_that_cannot_go_counts_every_segment(make_rig, case):
     assert s["icmp_time_exceeded" if case == "ttl1" else "icmp_unreachable"] == 3
 
 
+def test_vnet_gso_none_over_mtu_is_an_egress_drop(make_rig):
+    # fastpath.h: the split returns a GSO_NONE packet as it is, whatever its size, and fp_egress
+    # drops it as oversize - the very counters a TUN without vnet headers gives.
+    big = ipv4_udp(SRC, DST, b"o" * (MTU + 1 - 28))
+    partial = tcp4(payload(MTU), src=SRC, dst=DST, csum="partial")
+    frames = [vnet() + big, vnet(NEEDS_CSUM, GSO_NONE, 0, 0, 20, 16) + partial]
+    plain = make_rig("c-batched")
+    plain.to_tun(big, partial)
+    assert plain.pump.tun_to_udp(100) == 2
+    rig = vnet_rig(make_rig)
+    rig.to_tun(*frames)
+    assert rig.pump.tun_to_udp(100) == 2
+    rig.peer_in(0)
+    assert rig.tun_out() == [], "no ICMP error for an oversize drop"
+    s = nonzero(rig.cx.stats())
+    assert s == nonzero(plain.cx.stats())
+    assert s["egress.drops.oversize"] == 2 and s["egress.rx_bytes"] == len(big) + len(partial)
+
+
 def test_vnet_egress_icmp_reply_has_a_header(make_rig):
     rig = vnet_rig(make_rig)
     pkt = ipv4_udp(SRC, DST, b"ttl", ttl=1)

@@ -70,6 +70,7 @@ def split_runs(pkts: list[bytes], sizes: list[int]) -> list[list[bytes]]:
 
 DATA = payload(3000, seed=7)
 PLAIN = tcp4(b"hello", flags=ACK | PSH)
+BIG_PLAIN = tcp4(DATA[:1461], flags=ACK | PSH)  # 1501 bytes
 
 
 def _udp_zero_payload() -> bytes:
@@ -104,7 +105,10 @@ SPLIT_OK = [
     ("none-trailer-dropped", vnet() + PLAIN + b"junk", 1500, [PLAIN]),
     ("tcp-trailer-dropped", tso(DATA[:2500], 1000) + b"junk", 1500, expect_tcp(DATA[:2500], 1000)),
     ("none-gso-fields-ignored", vnet(0, GSO_NONE, 999, 1, 3, 4) + PLAIN, 1500, [PLAIN]),
-    ("none-not-checked-against-mtu", vnet() + PLAIN, 68, [PLAIN]),  # egress drops it later
+    # a packet that is not cut is not held to the mtu: returned as it is, fp_egress drops it
+    # as oversize later (test_vnet_gso_none_over_mtu_is_an_egress_drop)
+    ("none-not-checked-against-mtu", vnet() + BIG_PLAIN, 1500, [BIG_PLAIN]),
+    ("none-far-over-mtu", vnet() + BIG_PLAIN, 68, [BIG_PLAIN]),
     ("none-fragment", vnet() + FRAG, 1500, [FRAG]),
     (
         "none-needs-csum-tcp",
@@ -284,6 +288,19 @@ SPLIT_ERRORS = [
 def test_split_errors(impl, frame, mtu, max_segs, exc):
     with pytest.raises(exc):
         impl.gso_split(frame, mtu, max_segs)
+
+
+@pytest.mark.parametrize("mtu", [68, 1500])
+def test_split_gso_none_over_mtu_is_returned_as_is(impl, mtu):
+    """fastpath.h: only a cut is held to the mtu; a GSO_NONE packet comes back whole (its
+    checksum completed) and -EMSGSIZE is never returned for it."""
+    partial = tcp4(DATA[:1461], csum="partial")
+    frames = [vnet() + BIG_PLAIN, vnet(NEEDS_CSUM, GSO_NONE, 0, 0, 20, 16) + partial]
+    for frame, want in zip(frames, [BIG_PLAIN, tcp4(DATA[:1461])], strict=True):
+        assert len(want) > mtu
+        assert impl.gso_split(frame, mtu) == [want]
+        if impl.__name__.endswith("fastpath"):  # the pump's zero-copy split too
+            assert impl.gso_split_hdrs(frame, mtu) == [want]
 
 
 def test_split_short_payload(impl):

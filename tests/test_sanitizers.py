@@ -23,6 +23,7 @@ CHILD_TESTS = [
     "tests/test_fastpath_io.py::test_vnet_tso_leaves_as_mtu_sized_datagrams",
     "tests/test_fastpath_io.py::test_vnet_mixed_frames_in_one_round_keep_their_bytes",
     "tests/test_fastpath_io.py::test_vnet_bad_frames_counted_never_sent",
+    "tests/test_fastpath_io.py::test_vnet_gso_none_over_mtu_is_an_egress_drop",
     "tests/test_fastpath_io.py::test_vnet_ingress_coalesces_runs",
     "tests/test_fastpath_io.py::test_gro_ingress_split_into_packets",
 ]
