@@ -25,7 +25,6 @@ DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 # flanneld flags for features this data plane lacks (udp backend, IPv4): flag -> its default
 UNSUPPORTED: dict[str, str | bool] = {
     "--public-ipv6": "",
-    "--ip-masq-fully-random-disable": False,
     "--ip-blackhole-route": False,
 }
 
@@ -104,6 +103,12 @@ def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "none in static mode)",
     )
     _bool_flag(g, "--ip-masq", False, "masquerade traffic leaving the overlay")
+    _bool_flag(
+        g,
+        "--ip-masq-fully-random-disable",
+        False,
+        "masquerade without --random-fully (nftables: without fully-random)",
+    )
     _bool_flag(g, "--iptables-forward-rules", True, "accept overlay traffic in FORWARD")
     g.add_argument("--iptables-resync", type=int, default=5, metavar="SECONDS")
     g.add_argument("--healthz-ip", default="0.0.0.0")
@@ -307,6 +312,7 @@ def _run(args: argparse.Namespace) -> int:
         queues=parse_queues(args.queues),
         rt_priority=args.rt_priority,
         ip_masq=args.ip_masq,
+        ip_masq_fully_random_disable=args.ip_masq_fully_random_disable,
         forward_rules=args.iptables_forward_rules,
         iptables_resync=args.iptables_resync,
         healthz_ip=args.healthz_ip,

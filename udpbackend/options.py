@@ -26,6 +26,7 @@ class RunOptions:
     queues: int = 1  # TUN queues / UDP sockets / threads (IFF_MULTI_QUEUE + SO_REUSEPORT)
     rt_priority: int = 0  # > 0: the queue threads run SCHED_RR at this priority
     ip_masq: bool = False
+    ip_masq_fully_random_disable: bool = False  # plain MASQUERADE, not --random-fully
     forward_rules: bool = True
     iptables_resync: int = 5
     healthz_ip: str = "0.0.0.0"

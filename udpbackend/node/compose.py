@@ -64,8 +64,30 @@ def kube_manager(opts: RunOptions) -> SubnetManager:
 
 
 def firewall(opts: RunOptions, cfg: NetworkConfig, subnet: ipaddress.IPv4Network) -> Firewall:
-    """flannel's rules for this node, kept by iptables."""
-    return IptablesFirewall(cfg.network, subnet, ip_masq=opts.ip_masq, forward=opts.forward_rules)
+    """flannel's rules for this node: nftables with "EnableNFTables": true, else iptables;
+    either removes what the other mode left, as flanneld does at start."""
+    from ..host.iptables import remove_flannel_chains
+    from ..host.nftables import NftablesFirewall, remove_flannel_tables
+
+    fully_random = not opts.ip_masq_fully_random_disable
+    if cfg.enable_nftables:
+        return NftablesFirewall(
+            cfg.network,
+            subnet,
+            ip_masq=opts.ip_masq,
+            forward=opts.forward_rules,
+            fully_random=fully_random,
+            ipv6_network=cfg.ipv6_network if cfg.enable_ipv6 else None,
+            remove_other=remove_flannel_chains,
+        )
+    return IptablesFirewall(
+        cfg.network,
+        subnet,
+        ip_masq=opts.ip_masq,
+        forward=opts.forward_rules,
+        fully_random=fully_random,
+        remove_other=remove_flannel_tables,
+    )
 
 
 def build_parts(static: NodeConfig | None, opts: RunOptions) -> Parts:
