@@ -1,23 +1,43 @@
 # udpbackend.lab.bench without a testbed: the schema validator (and its agreement with jsonschema),
 # the UDP rate search on scripted probes, medians and ratios, the --explain text derived from
-# the counters it is given, the Markdown table and the chart, on a synthetic results document.
+# the counters it is given, the Markdown table and the chart, on a synthetic results document;
+# an iperf3 run that never started told from one that failed, retried (bounded) and recorded.
 # Must not: need root or start anything (the end-to-end run is tests/integration/test_bench.py).
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from udpbackend.lab.bench import drain
 from udpbackend.lab.bench.counters import PHASE_FIELDS, counters_of
 from udpbackend.lab.bench.explain import explain
 from udpbackend.lab.bench.figures import FIGURES, add_ratios, figures_of, lower_bounds
-from udpbackend.lab.bench.iperf import LOSS_MAX, udp_search
+from udpbackend.lab.bench.iperf import LOSS_MAX, SETUP_RETRIES, IperfRunner, tcp_run, udp_search
+from udpbackend.lab.bench.ladder import notes, retry_summary
+from udpbackend.lab.bench.progress import Reporter
 from udpbackend.lab.bench.report import TABLE_COLUMNS, markdown, write_outputs
-from udpbackend.lab.bench.rungs import DEFAULT_RUNGS, RUNG_BY_NAME, daemon_rung, parse_rungs
-from udpbackend.lab.bench.schema import SCHEMA, SCHEMA_ID, validate
+from udpbackend.lab.bench.rungs import (
+    DEFAULT_RUNGS,
+    RUNG_BY_NAME,
+    RungEnv,
+    daemon_rung,
+    parse_rungs,
+)
+from udpbackend.lab.bench.schema import RETRY, SCHEMA, SCHEMA_ID, validate
 from udpbackend.lab.bench.settings import BenchError
+from udpbackend.lab.errors import TestbedError
+from udpbackend.lab.tools import (
+    IperfResult,
+    IperfSetupError,
+    PingResult,
+    never_started,
+    parse_iperf3,
+)
 
 PHASE_KEYS = PHASE_FIELDS
 
@@ -323,3 +343,127 @@ def test_a_new_rung_is_a_name_and_a_setup() -> None:
     assert rung.kind == "daemon" and rung.default
     doc = synthetic_doc(("vxlan",))
     assert validate(copy.deepcopy(doc)) == []
+
+
+# --- iperf3 runs that never started (issue 14) --------------------------------------------------
+
+SETUP_FAILED = {  # iperf3 3.12 -J when the datagram that sets up the UDP stream got no answer
+    "start": {"connected": [], "version": "iperf 3.12"},
+    "intervals": [],
+    "end": {},
+    "error": "unable to read from stream socket: Resource temporarily unavailable",
+}
+FAILED_LATER = {  # the test ran, then failed: a measurement that went wrong, not a set-up
+    "start": {"connected": [{"socket": 5, "local_port": 40000, "remote_port": 5201}]},
+    "intervals": [{"sum": {"bytes": 1000}}],
+    "end": {},
+    "error": "control socket has closed unexpectedly",
+}
+
+
+def completed(doc: dict[str, Any]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.CompletedProcess(["iperf3"], 1, json.dumps(doc).encode(), b"")
+
+
+def test_a_test_that_never_started_is_told_from_one_that_failed() -> None:
+    assert never_started(SETUP_FAILED)
+    assert not never_started(FAILED_LATER)
+    assert not never_started({"start": {"connected": []}, "intervals": [], "end": {}})
+    with pytest.raises(IperfSetupError) as e:
+        parse_iperf3(completed(SETUP_FAILED), "198.19.2.0", False)
+    assert e.value.reason == SETUP_FAILED["error"]
+    with pytest.raises(TestbedError) as f:
+        parse_iperf3(completed(FAILED_LATER), "198.19.2.0", False)
+    assert not isinstance(f.value, IperfSetupError)
+
+
+class FakeTestbed:
+    """iperf3 fails as scripted (an exception, or a result), ping always answers."""
+
+    def __init__(self, script: list[Exception | None]) -> None:
+        self.script = script
+        self.ports: list[int] = []
+        self.pings = 0
+
+    def iperf3(self, client: str, dst: str, port: int, **kw: Any) -> IperfResult:
+        self.ports.append(port)
+        step = self.script.pop(0)
+        if step is not None:
+            raise step
+        return IperfResult(1e9, 1e9, 0, 125_000_000, 1.0, False, raw={"end": {}})
+
+    def ping(self, node: str, dst: str, count: int, interval: float) -> PingResult:
+        self.pings += 1
+        return PingResult(dst, count, [0.1] * count)
+
+
+@pytest.fixture
+def no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(drain, "wait_quiet", lambda tb: 0.05)
+    monkeypatch.setattr(drain, "SETTLE_S", 0.0)
+
+
+def test_a_run_that_never_started_is_run_again_and_recorded(no_waiting: None) -> None:
+    setup = IperfSetupError("198.18.0.2", SETUP_FAILED["error"])
+    tb = FakeTestbed([setup, None])
+    ip = IperfRunner(tb, RungEnv("198.18.0.2"), Reporter())  # type: ignore[arg-type]
+    r, doc = tcp_run(ip, 2, 1, False, 4, "veth run 2/3")
+    assert doc["streams"] == 4 and r.bytes == 125_000_000
+    assert ip.retries == [
+        {
+            "step": "tcp4",
+            "run": 2,
+            "offered_pps": None,
+            "attempt": 1,
+            "reason": SETUP_FAILED["error"],
+            "drain": "ping",
+            "drain_s": ip.retries[0]["drain_s"],
+        }
+    ]
+    assert tb.pings == 1  # the drained path answered before the run was repeated
+    assert len(set(tb.ports)) == 2  # the repeated run did not reuse the failed run's port
+    assert validate(ip.retries[0], RETRY) == []
+
+
+def test_retries_are_bounded_and_a_failed_measurement_is_not_retried(no_waiting: None) -> None:
+    setup = IperfSetupError("198.18.0.2", SETUP_FAILED["error"])
+    tb = FakeTestbed([setup] * (SETUP_RETRIES + 1))
+    ip = IperfRunner(tb, RungEnv("198.18.0.2"), Reporter())  # type: ignore[arg-type]
+    with pytest.raises(IperfSetupError):
+        tcp_run(ip, 1, 1, False, 1, "veth run 1/3")
+    assert [x["attempt"] for x in ip.retries] == list(range(1, SETUP_RETRIES + 1))
+    tb = FakeTestbed([TestbedError("iperf3 to 198.18.0.2: control socket has closed")])
+    ip = IperfRunner(tb, RungEnv("198.18.0.2"), Reporter())  # type: ignore[arg-type]
+    with pytest.raises(TestbedError):
+        tcp_run(ip, 1, 1, False, 1, "veth run 1/3")
+    assert ip.retries == [] and tb.pings == 0
+
+
+def test_retries_are_in_the_schema_and_the_summary() -> None:
+    doc = synthetic_doc(("vxlan", "multiqueue"))
+    retry = {
+        "step": "udp64",
+        "run": 2,
+        "offered_pps": 140000.0,
+        "attempt": 1,
+        "reason": SETUP_FAILED["error"],
+        "drain": "counters",
+        "drain_s": 1.9,
+    }
+    doc["rungs"][0]["retries"] = []
+    doc["rungs"][1]["retries"] = [retry]
+    doc["retries"] = retry_summary(doc["rungs"])
+    doc["notes"] = notes(doc)
+    assert doc["retries"] == {
+        "count": 1,
+        "rungs": {"multiqueue": 1},
+        "reasons": {SETUP_FAILED["error"]: 1},
+    }
+    assert validate(doc) == []
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(doc, SCHEMA)
+    md = markdown(doc)
+    assert "1 iperf3 run(s) never started and were run again" in md
+    assert "multiqueue 1" in md and "unable to read from stream socket" in md
+    doc["rungs"][1]["retries"][0]["drain"] = "hope"
+    assert any("is not one of" in p for p in validate(doc))

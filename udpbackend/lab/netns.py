@@ -38,6 +38,7 @@ from .tools import (
     IperfResult,
     PingResult,
     iperf3_client_argv,
+    iperf3_client_timeout,
     parse_iperf3,
     parse_ping,
     ping_argv,
@@ -455,7 +456,10 @@ class NetnsLab:
         extra: Sequence[str] = (),
         port: int = IPERF_PORT,
     ) -> IperfResult:
-        """One iperf3 TCP run: `iperf3 -s -1` in server_node, `iperf3 -c dst -J` in client."""
+        """One iperf3 run: `iperf3 -s -1` in server_node, `iperf3 -c dst -J` in client.
+
+        Raises IperfSetupError if the client's test never started (e.g. the datagram that sets
+        up a UDP stream was lost), TestbedError if it failed otherwise."""
         secs = max(1, round(seconds))
         server = self.spawn(
             server_node,
@@ -466,7 +470,7 @@ class NetnsLab:
         try:
             wait_listen(server, port)
             argv = iperf3_client_argv(dst, port, secs, zerocopy, extra)
-            res = self.run(client, argv, timeout=secs + 30)
+            res = self.run(client, argv, timeout=iperf3_client_timeout(secs))
             return parse_iperf3(res, dst, zerocopy)
         finally:
             self._end(server, grace=2.0)

@@ -1,7 +1,8 @@
 """The traffic tools the lab runs, ping and iperf3: their command lines and what their output says.
 
 Lives here: ping's argv and its parsed replies (PingResult), iperf3's client argv, its JSON
-turned into an IperfResult, and waiting for an iperf3 server to listen. Must not: start processes
+turned into an IperfResult, the line between "the iperf3 test never started" (IperfSetupError)
+and "it ran and failed", and waiting for an iperf3 server to listen. Must not: start processes
 or enter namespaces (NetnsLab does both and calls these).
 """
 
@@ -18,6 +19,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import TestbedError
+
+# iperf3 3.12 waits this long, once and without retrying, for the server's answer to the one
+# datagram that sets up a UDP stream (SO_RCVTIMEO in iperf_udp_connect), then gives up with
+# "unable to read from stream socket".
+IPERF3_UDP_SETUP_WAIT = 30
+
+
+class IperfSetupError(TestbedError):
+    """iperf3 failed before its test started (no stream connected, no interval measured): a
+    failure of the measuring tool's set-up, not a measurement. ``reason``: iperf3's error."""
+
+    def __init__(self, dst: str, reason: str) -> None:
+        super().__init__(f"iperf3 to {dst}: {reason}")
+        self.dst = dst
+        self.reason = reason
+
 
 # --- ping --------------------------------------------------------------------------------------
 
@@ -123,8 +140,20 @@ def iperf3_client_argv(
     return argv + list(extra)
 
 
+def iperf3_client_timeout(secs: int) -> float:
+    """How long an iperf3 client may take: the test, iperf3's own UDP set-up wait, a margin."""
+    return secs + IPERF3_UDP_SETUP_WAIT + 15
+
+
+def never_started(data: dict[str, Any]) -> bool:
+    """iperf3's JSON reports an error before any stream was connected or interval measured."""
+    start = data.get("start") or {}
+    return bool(data.get("error")) and not start.get("connected") and not data.get("intervals")
+
+
 def parse_iperf3(res: subprocess.CompletedProcess[bytes], dst: str, zerocopy: bool) -> IperfResult:
-    """The client's JSON as an IperfResult; TestbedError if there is none or it says error."""
+    """The client's JSON as an IperfResult; IperfSetupError if the test never started,
+    TestbedError for any other failure (no JSON, or an error after the test began)."""
     out = res.stdout.decode(errors="replace")
     try:
         data = json.loads(out)
@@ -134,6 +163,8 @@ def parse_iperf3(res: subprocess.CompletedProcess[bytes], dst: str, zerocopy: bo
             f"{res.stderr.decode(errors='replace')[-500:]}"
         ) from None
     if data.get("error"):
+        if never_started(data):
+            raise IperfSetupError(dst, str(data["error"]))
         raise TestbedError(f"iperf3 to {dst}: {data['error']}")
     end = data.get("end", {})
     sent = end.get("sum_sent", {})

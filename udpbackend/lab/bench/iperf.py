@@ -1,17 +1,23 @@
 """Throughput with iperf3: TCP 1 and 4 streams, and the UDP packet rate at <= 1 % loss.
 
-Lives here: one TCP run and its "tcp" document, one UDP probe at an offered packet rate, and
-the search for the highest rate delivered within LOSS_MAX (cold: an unlimited probe first;
-warm: from the previous run's result). Must not: read CPU, pings or the daemons' counters.
+Lives here: running iperf3 for a rung (a fresh server port per run, UDP probes on a quiet
+path, a run whose test never started run again after the path drained, each retry recorded),
+one TCP run and its "tcp" document, one UDP probe, and the search for the highest rate within
+LOSS_MAX. Must not: read CPU or pings, or report a run that started and then failed as a retry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..tools import IperfResult
+from ..addressing import IPERF_PORT
+from ..tools import IperfResult, IperfSetupError
+from .drain import drain, wait_quiet
 from .progress import Reporter
+from .rungs import RungEnv
 
 if TYPE_CHECKING:
     from ..testbed import Testbed
@@ -21,14 +27,64 @@ LOSS_MAX = 0.01  # UDP packet rate: highest rate delivered at <= 1 % loss
 # iperf3's 1 ms send bursts and "loss" measures the receiving iperf3, not the path. The
 # daemons' own UDP sockets have 4 MB buffers too.
 UDP_WINDOW = "4M"
+SETUP_RETRIES = 2  # a run whose iperf3 test never started is run again at most this often
+# Each iperf3 run gets a server port the runs just before it did not use: with several queues a
+# new flow can overtake the backlog of the one before, whose late datagrams iperf3 3.12's
+# server would otherwise take for the new stream's set-up (and answer the old client).
+_PORTS = itertools.cycle(range(IPERF_PORT, IPERF_PORT + 16))
+
+
+@dataclass
+class IperfRunner:
+    """iperf3 from node a to a rung's address, with the retries of runs that never started."""
+
+    tb: Testbed
+    env: RungEnv
+    rep: Reporter
+    retries: list[dict[str, Any]] = field(default_factory=list)
+
+    def run(
+        self,
+        what: dict[str, Any],
+        label: str,
+        seconds: int,
+        zerocopy: bool = False,
+        extra: Sequence[str] = (),
+    ) -> IperfResult:
+        """One iperf3 run. If its test never started (IperfSetupError: a failure of the tool's
+        set-up, not a measurement), wait until the path has drained and run it again, at most
+        SETUP_RETRIES times; each retry is logged and recorded (what + reason + drain)."""
+        attempt = 1
+        while True:
+            try:
+                return self.tb.iperf3(
+                    "a",
+                    self.env.dst,
+                    seconds=seconds,
+                    zerocopy=zerocopy,
+                    extra=extra,
+                    port=next(_PORTS),
+                )
+            except IperfSetupError as e:
+                if attempt > SETUP_RETRIES:
+                    raise
+                drained = drain(self.tb, self.env.dst, self.env.nodes)
+                self.retries.append({**what, "attempt": attempt, "reason": e.reason, **drained})
+                self.rep.log(
+                    f"[yellow]{label}: iperf3 never started ({e.reason}); retry {attempt} of "
+                    f"{SETUP_RETRIES} after the path drained ({drained['drain']}, "
+                    f"{drained['drain_s']} s)[/yellow]"
+                )
+                attempt += 1
 
 
 def tcp_run(
-    tb: Testbed, dst: str, seconds: int, zerocopy: bool, streams: int
+    ip: IperfRunner, run: int, seconds: int, zerocopy: bool, streams: int, label: str
 ) -> tuple[IperfResult, dict[str, Any]]:
-    """One iperf3 TCP run from node a to dst: the result and its "tcp" document."""
+    """One iperf3 TCP run of run number `run`: the result and its "tcp" document."""
     extra = ["-P", str(streams)] if streams > 1 else []
-    r = tb.iperf3("a", dst, seconds=seconds, zerocopy=zerocopy, extra=extra)
+    what = {"step": f"tcp{streams}", "run": run, "offered_pps": None}
+    r = ip.run(what, label, seconds, zerocopy=zerocopy, extra=extra)
     return r, tcp_doc(r, streams)
 
 
@@ -44,23 +100,26 @@ def tcp_doc(r: IperfResult, streams: int) -> dict[str, Any]:
 
 
 def udp_probe(
-    tb: Testbed, dst: str, size: int, seconds: int, rep: Reporter, label: str
+    ip: IperfRunner, run: int, size: int, seconds: int, label: str
 ) -> Callable[[float | None], dict[str, Any]]:
-    """A probe for udp_search: one iperf3 UDP run offering pps packets/s (None: unlimited)."""
+    """A probe for udp_search: one iperf3 UDP run offering pps packets/s (None: unlimited),
+    started once the previous probe's backlog has left the path."""
 
     def probe(pps: float | None) -> dict[str, Any]:
         rate = 0 if pps is None else int(pps * size * 8)
         what = "unlimited" if pps is None else f"{pps / 1e3:.0f} kpps"
-        rep.status(f"{label}: UDP {size} B, offered {what}")
-        r = tb.iperf3(
-            "a",
-            dst,
-            seconds=seconds,
-            extra=["-u", "-b", str(rate), "-l", str(size), "-w", UDP_WINDOW],
-        )
-        return probe_doc(r, pps, seconds)
+        ip.rep.status(f"{label}: UDP {size} B, offered {what}")
+        settle = wait_quiet(ip.tb)
+        step = {"step": f"udp{size}", "run": run, "offered_pps": _offered(pps)}
+        extra = ["-u", "-b", str(rate), "-l", str(size), "-w", UDP_WINDOW]
+        r = ip.run(step, label, seconds, extra=extra)
+        return {**probe_doc(r, pps, seconds), "settle_s": settle}
 
     return probe
+
+
+def _offered(pps: float | None) -> float | None:
+    return None if pps is None else round(pps, 1)
 
 
 def probe_doc(r: IperfResult, pps: float | None, seconds: int) -> dict[str, Any]:
@@ -72,7 +131,7 @@ def probe_doc(r: IperfResult, pps: float | None, seconds: int) -> dict[str, Any]
     secs = float(recv.get("seconds") or seconds)
     ssecs = float(sent.get("seconds") or seconds)
     return {
-        "offered_pps": None if pps is None else round(pps, 1),
+        "offered_pps": _offered(pps),
         "sent_pps": round(int(sent.get("packets", 0)) / ssecs, 1),
         "received_pps": round(max(0, n - lost) / secs, 1),
         "loss": round(lost / n, 5) if n else 1.0,

@@ -59,6 +59,7 @@ def run_ladder(
     add_ratios(doc["rungs"])
     doc["duration_s"] = round(time.monotonic() - t0, 1)
     doc["explain"] = explain(doc)
+    doc["retries"] = retry_summary(doc["rungs"])
     doc["notes"] += notes(doc)
     return doc
 
@@ -78,6 +79,7 @@ def new_document() -> dict[str, Any]:
         "rungs": [],
         "explain": [],
         "notes": [],
+        "retries": retry_summary([]),
     }
 
 
@@ -111,6 +113,7 @@ def rung_entry(rung: Rung) -> dict[str, Any]:
         "ratios_vs_vxlan": {},
         "counters": None,
         "lower_bounds": [],
+        "retries": [],
         "runs": [],
     }
 
@@ -131,7 +134,7 @@ def _measure_into(
     try:
         rep.status(f"{rung.name}: setting up")
         with rung.setup(tb) as env:
-            udp64 = measure_rung(tb, env, s, rep, rung.name, runs)
+            udp64 = measure_rung(tb, env, s, rep, rung.name, runs, entry["retries"])
     except Exception as e:  # one rung failing must not cost the others
         if stopped.is_set():  # a swallowed Ctrl-C resurfacing as some other error
             raise KeyboardInterrupt from e
@@ -160,9 +163,30 @@ def _error_text(e: Exception) -> str:
     return text or type(e).__name__
 
 
+def retry_summary(rungs: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many iperf3 runs never started and were run again, in all, per rung, per reason."""
+    records = [(r["name"], x) for r in rungs for x in r.get("retries", [])]
+    reasons: dict[str, int] = {}
+    per_rung: dict[str, int] = {}
+    for name, x in records:
+        reasons[x["reason"]] = reasons.get(x["reason"], 0) + 1
+        per_rung[name] = per_rung.get(name, 0) + 1
+    return {"count": len(records), "rungs": per_rung, "reasons": reasons}
+
+
 def notes(doc: dict[str, Any]) -> list[str]:
-    """What a reader must know to weigh the figures (few cores, no VXLAN to compare with)."""
+    """What a reader must know to weigh the figures (few cores, no VXLAN to compare with,
+    runs that were repeated)."""
     out = []
+    retries = doc.get("retries") or {}
+    if retries.get("count"):
+        where = ", ".join(f"{name} {n}" for name, n in retries["rungs"].items())
+        why = "; ".join(f"{reason!r} x{n}" for reason, n in retries["reasons"].items())
+        out.append(
+            f"{retries['count']} iperf3 run(s) never started and were run again once the path "
+            f"had drained ({where}): {why}. Set-up failures of the tool, not measurements; the "
+            "figures are from the runs that did start."
+        )
     if doc["machine"]["cores"] < 4:
         out.append(
             f"{doc['machine']['cores']} cores: iperf3 client and server, both daemons and the "

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .counters import Snapshot, phase_counters, snapshot
 from .cpu import cpu_doc, sample
-from .iperf import tcp_run, udp_probe, udp_search
+from .iperf import IperfRunner, tcp_run, udp_probe, udp_search
 from .progress import Reporter
 from .rtt import loaded_doc, ping_doc, start_idle, start_loaded
 from .rungs import RungEnv
@@ -29,10 +29,17 @@ def steps_done(run: dict[str, Any]) -> int:
 
 
 def measure_rung(
-    tb: Testbed, env: RungEnv, s: Settings, rep: Reporter, name: str, runs: list[dict[str, Any]]
+    tb: Testbed,
+    env: RungEnv,
+    s: Settings,
+    rep: Reporter,
+    name: str,
+    runs: list[dict[str, Any]],
+    retries: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
     """Fill `runs` (s.runs empty dicts) with every figure of one rung; returns the rung-level
-    counters of the UDP 64 B searches (None for a kernel rung).
+    counters of the UDP 64 B searches (None for a kernel rung). An iperf3 run whose test never
+    started is run again (iperf.IperfRunner); `retries` receives a record of each.
 
     Stage 1, per run: TCP 1 stream (a ping every 10 ms alongside for the loaded RTT, CPU from
     /proc around it), TCP 4 streams, then the idle pings while the daemons rewrite their stats
@@ -40,12 +47,13 @@ def measure_rung(
     Stage 2: the UDP 64 B search of each run (warm-started from the previous run's result),
     then one counter read: the "udp64" phase. Stage 3: the UDP 1400 B searches. Grouping the
     stages keeps counter reads, each up to a second of waiting, to one per run plus one."""
+    ip = IperfRunner(tb, env, rep, retries if retries is not None else [])
     snap = snapshot(env.nodes, fresh=False) if env.nodes else None
     for i, run in enumerate(runs):
-        snap = _tcp_and_rtt(tb, env, s, rep, f"{name} run {i + 1}/{s.runs}", run, snap)
+        snap = _tcp_and_rtt(ip, s, i + 1, f"{name} run {i + 1}/{s.runs}", run, snap)
     udp64: dict[str, Any] | None = None
     for size in (64, 1400):
-        _udp_searches(tb, env, s, rep, name, runs, size)
+        _udp_searches(ip, s, name, runs, size)
         if size == 64 and snap is not None:
             rep.status(f"{name}: reading counters")
             post = snapshot(env.nodes)
@@ -55,21 +63,21 @@ def measure_rung(
 
 
 def _tcp_and_rtt(
-    tb: Testbed,
-    env: RungEnv,
+    ip: IperfRunner,
     s: Settings,
-    rep: Reporter,
+    n: int,
     label: str,
     run: dict[str, Any],
     snap: Snapshot | None,
 ) -> Snapshot | None:
-    """Stage 1 of one run: tcp1, cpu, ping_loaded, tcp4, ping_idle and the "tcp" counters
-    since `snap`; returns the daemons' snapshot taken at its end (None: no daemons)."""
+    """Stage 1 of run number n: tcp1, cpu, ping_loaded, tcp4, ping_idle and the "tcp"
+    counters since `snap`; returns the daemons' snapshot taken at its end (None: no daemons)."""
+    tb, env, rep = ip.tb, ip.env, ip.rep
     nodes = env.nodes
     rep.status(f"{label}: TCP 1 stream, {s.tcp_seconds} s, ping alongside")
     wait_ping = start_loaded(tb, env.dst, s)
     cpu0 = sample([n.pid for n in nodes])
-    r1, run["tcp1"] = tcp_run(tb, env.dst, s.tcp_seconds, s.zerocopy, streams=1)
+    r1, run["tcp1"] = tcp_run(ip, n, s.tcp_seconds, s.zerocopy, 1, label)
     cpu1 = sample([n.pid for n in nodes])
     loaded = wait_ping()
     run["cpu"] = cpu_doc(cpu0, cpu1, r1.bytes)
@@ -77,7 +85,7 @@ def _tcp_and_rtt(
     rep.advance()
 
     rep.status(f"{label}: TCP 4 streams, {s.tcp_seconds} s")
-    _, run["tcp4"] = tcp_run(tb, env.dst, s.tcp_seconds, s.zerocopy, streams=4)
+    _, run["tcp4"] = tcp_run(ip, n, s.tcp_seconds, s.zerocopy, 4, label)
 
     rep.status(f"{label}: idle ping x {s.pings_idle}" + (", counters" if nodes else ""))
     wait_idle = start_idle(tb, env.dst, s)
@@ -89,21 +97,15 @@ def _tcp_and_rtt(
 
 
 def _udp_searches(
-    tb: Testbed,
-    env: RungEnv,
-    s: Settings,
-    rep: Reporter,
-    name: str,
-    runs: list[dict[str, Any]],
-    size: int,
+    ip: IperfRunner, s: Settings, name: str, runs: list[dict[str, Any]], size: int
 ) -> None:
     """The UDP packet-rate search at one payload size, for every run in turn."""
     key = f"udp{size}"
     for i, run in enumerate(runs):
         label = f"{name} run {i + 1}/{s.runs}"
-        probe = udp_probe(tb, env.dst, size, s.udp_seconds, rep, label)
+        probe = udp_probe(ip, i + 1, size, s.udp_seconds, label)
         # warm start from the latest earlier run that found a rate
         found = [r[key] for r in runs[:i] if (r.get(key) or {}).get("pps")]
         hint = found[-1] if found else None
         run[key] = udp_search(probe, s.udp_probes, size, hint)
-        rep.advance()
+        ip.rep.advance()

@@ -1,7 +1,7 @@
 """The JSON schema of results.json (JSON Schema 2020-12) and a validator for the subset it uses.
 
 Lives here: SCHEMA_ID, SCHEMA (machine, versions, settings, figures, per rung its figures,
-ratios, counters and raw runs) and validate(), which agrees with the jsonschema package on it.
+ratios, counters, retried runs and raw runs) and validate(), which agrees with jsonschema on it.
 Must not: build documents (ladder.py does) or depend on jsonschema at run time.
 """
 
@@ -25,6 +25,7 @@ _PROBE: dict[str, Any] = {
         "sent_pps": {"type": "number", "minimum": 0},
         "received_pps": {"type": "number", "minimum": 0},
         "loss": {"type": "number", "minimum": 0},
+        "settle_s": {"type": "number", "minimum": 0},  # waited for a quiet path first
     },
 }
 _UDP_SEARCH: dict[str, Any] = {
@@ -72,6 +73,21 @@ _PHASE: dict[str, Any] = {
         "syscalls": {"type": "object", "additionalProperties": {"type": "number"}},
     },
 }
+# An iperf3 run whose test never started (a set-up failure of the tool, not a measurement),
+# run again once the path had drained; the figures come from the run that did start.
+RETRY: dict[str, Any] = {
+    "type": "object",
+    "required": ["step", "run", "attempt", "reason", "drain", "drain_s"],
+    "properties": {
+        "step": {"enum": ["tcp1", "tcp4", "udp64", "udp1400"]},
+        "run": {"type": "integer", "minimum": 1},
+        "offered_pps": _NUM_OR_NULL,  # UDP: the probe's offered rate (null: unlimited)
+        "attempt": {"type": "integer", "minimum": 1},  # 1: the first run failed
+        "reason": {"type": "string"},  # iperf3's error
+        "drain": {"enum": ["counters", "ping"]},  # daemons' counters at rest, or a settle
+        "drain_s": {"type": "number", "minimum": 0},
+    },
+}
 RUN: dict[str, Any] = {
     "type": "object",
     "required": ["tcp1", "tcp4", "ping_idle", "ping_loaded", "udp64", "udp1400", "cpu"],
@@ -109,7 +125,8 @@ SCHEMA: dict[str, Any] = {
         "One invocation of `udpbackend bench`: the machine, the versions, the settings, and per "
         "rung the median figures, their ratios to kernel VXLAN measured in the same invocation "
         "(null when VXLAN was not run or a figure is missing), the daemon counters per traffic "
-        "phase (median over runs) and every raw run."
+        "phase (median over runs), the iperf3 runs that never started and were run again "
+        "(retries: a set-up failure of the tool, not a measurement) and every raw run."
     ),
     "type": "object",
     "required": [
@@ -225,12 +242,22 @@ SCHEMA: dict[str, Any] = {
                         "properties": {p: _PHASE for p in PHASES},
                     },
                     "lower_bounds": {"type": "array", "items": {"enum": list(FIGURE_KEYS)}},
+                    "retries": {"type": "array", "items": RETRY},
                     "runs": {"type": "array", "items": RUN},
                 },
             },
         },
         "explain": {"type": "array", "items": {"type": "string"}},
         "notes": {"type": "array", "items": {"type": "string"}},
+        "retries": {
+            "type": "object",
+            "required": ["count", "rungs", "reasons"],
+            "properties": {
+                "count": {"type": "integer", "minimum": 0},
+                "rungs": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "reasons": {"type": "object", "additionalProperties": {"type": "integer"}},
+            },
+        },
     },
 }
 
