@@ -197,6 +197,20 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     o.add_argument("-c", dest="combined", action="store_true", help="one combined line")
     o.add_argument("-k", dest="key", default="DOCKER_OPTS", help="the combined line's name")
     o.add_argument("-m", dest="no_ip_masq", action="store_true", help="no --ip-masq option")
+    c = sub.add_parser(
+        "cni-config",
+        help="subnet.env -> the bridge plugin's config, as flannel's CNI plugin derives it",
+        description="Prints the network configuration flannel's CNI plugin would hand its "
+        "delegate (bridge cni0, host-local over FLANNEL_SUBNET, the pod MTU, ipMasq where "
+        "flannel does not masquerade), for hosts with Debian's containernetworking-plugins.",
+    )
+    c.add_argument("-f", dest="flannel_env", default="/run/flannel/subnet.env", metavar="FILE")
+    c.add_argument("--name", default="cbr0", help="the network name (default %(default)s)")
+    c.add_argument(
+        "--delegate",
+        default='{"hairpinMode": true, "isDefaultGateway": true}',
+        help="the conflist's delegate object, JSON (default: kube-flannel.yml's)",
+    )
     d = sub.add_parser("demo", help="nodes in network namespaces: ping and throughput")
     d.add_argument("--mode", default="batched", choices=MODES)
     d.add_argument("--seconds", type=float, default=3.0, help="iperf3 duration")
@@ -367,6 +381,30 @@ def _run(args: argparse.Namespace) -> int:
     return run_node(static, opts)
 
 
+def _cni_config(args: argparse.Namespace) -> int:
+    import json
+
+    from .host import cniconf
+
+    try:
+        with open(args.flannel_env) as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(
+            f"failed to load flannel 'subnet.env' file {args.flannel_env}: {e.strerror}"
+        ) from None
+    try:
+        delegate = json.loads(args.delegate)
+    except ValueError as e:
+        raise ConfigError(f"--delegate: not JSON: {e}") from None
+    if not isinstance(delegate, dict):
+        raise ConfigError("--delegate: must be a JSON object")
+    fenv = cniconf.read_flannel_env(text, args.flannel_env)
+    conf = cniconf.delegate_config(fenv, name=args.name, delegate=delegate)
+    sys.stdout.write(json.dumps(conf, indent=2) + "\n")
+    return 0
+
+
 def _docker_opts(args: argparse.Namespace) -> int:
     from .host import dockeropts
 
@@ -432,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "cni-config":
+            return _cni_config(args)
         if args.command == "docker-opts":
             return _docker_opts(args)
         if args.command == "bench":
