@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import shutil
 import stat
 import time
@@ -334,13 +333,10 @@ def _flannel_rules(cl: Cluster, i: int) -> dict[str, list[str]]:
     }
 
 
-def test_ip_masq_rules_exact_resynced_and_removed(cl: Cluster) -> None:
-    i = new_index(cl)
-    node = cl.start_etcd_node(i, extra_args=["--ip-masq", "--iptables-resync", "1"])
-    pod, net = node.subnet(), OVERLAY_NETWORK
+def _want_rules(pod: str, net: str = OVERLAY_NETWORK) -> dict[str, list[str]]:
     c = '-m comment --comment "flanneld masq"'
     rf = " --random-fully"  # iptables >= 1.6.2
-    want = {
+    return {
         "POSTROUTING": [f"-A POSTROUTING {c} -j FLANNEL-POSTRTG"],
         "FLANNEL-POSTRTG": [
             "-N FLANNEL-POSTRTG",
@@ -358,6 +354,18 @@ def test_ip_masq_rules_exact_resynced_and_removed(cl: Cluster) -> None:
             f'-A FLANNEL-FWD -d {net} -m comment --comment "flanneld forward" -j ACCEPT',
         ],
     }
+
+
+def test_ip_masq_rules_exact_resynced_kept_and_replaced(cl: Cluster) -> None:
+    """flannel's rules, exactly; put back within --iptables-resync; left in place on exit (as
+    flanneld: pods stay masqueraded across a restart); a restart with another subnet in
+    subnet.env rewrites them for that subnet only."""
+    i = new_index(cl)
+    args = ["--ip-masq", "--iptables-resync", "1"]
+    node = cl.start_etcd_node(i, extra_args=args)
+    pod = node.subnet()
+    new_pod = "198.19.251.0/24"
+    want = _want_rules(pod)
     try:
         assert _flannel_rules(cl, i) == want
         assert node.subnet_env()["FLANNEL_IPMASQ"] == "true"
@@ -368,10 +376,24 @@ def test_ip_masq_rules_exact_resynced_and_removed(cl: Cluster) -> None:
         while _flannel_rules(cl, i) != want:
             assert time.monotonic() - t0 < 1.0 + 1.5, _flannel_rules(cl, i)
             time.sleep(0.1)
-    finally:
         assert node.stop() == 0
-    left = _iptables(cl, i, "-t", "nat", "-S") + _iptables(cl, i, "-S")
-    assert not [r for r in left if re.search("flanneld|FLANNEL", r)], left
+        assert _flannel_rules(cl, i) == want  # still there after the node exited
+        # The lease gone and subnet.env naming another subnet: the node takes that one, and
+        # its rules replace the old subnet's.
+        cl.etcdctl("del", cl.subnet_key(pod))
+        env = node.subnet_file.read_text()
+        old_line = f"FLANNEL_SUBNET={node.subnet_env()['FLANNEL_SUBNET']}"
+        assert old_line in env
+        node.subnet_file.write_text(env.replace(old_line, "FLANNEL_SUBNET=198.19.251.1/24"))
+        node = cl.start_etcd_node(i, extra_args=args)
+        assert node.subnet() == new_pod
+        assert _flannel_rules(cl, i) == _want_rules(new_pod)
+        left = _iptables(cl, i, "-t", "nat", "-S") + _iptables(cl, i, "-S")
+        assert not [r for r in left if pod in r], left
+    finally:
+        if node.alive:
+            assert node.stop() == 0
+        cl.etcdctl("del", cl.subnet_key(new_pod))
 
 
 # --- etcd outage ------------------------------------------------------------------------------
