@@ -280,6 +280,12 @@ def test_remove_flannel_tables_deletes_only_flannels() -> None:
     empty = FakeNft()
     assert nft.remove_flannel_tables(empty) == 0 and empty.applied == []
 
+    class NoNfTables(FakeNft):  # nft installed, the kernel without nf_tables: iptables mode runs
+        def tables(self) -> list[tuple[str, str]]:
+            raise nft.NftablesError("nft -j list tables: Error: Operation not supported")
+
+    assert nft.remove_flannel_tables(NoNfTables()) == 0
+
 
 def test_missing_nft_binary_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda *a, **k: None)

@@ -278,7 +278,12 @@ def remove_flannel_tables(tool: Nft | None = None) -> int:
             tool = Nft()
         except NftablesError:
             return 0
-    present = [t for t in tool.tables() if t in TABLES]
+    try:
+        listed = tool.tables()
+    except NftablesError as e:  # nft there but no nf_tables to ask: none of ours either
+        log.debug("nftables mode's tables not looked for: %s", e)
+        return 0
+    present = [t for t in listed if t in TABLES]
     if present:
         tool.apply(delete_tables_document(present))
         log.info("nftables mode's tables removed: %s", ", ".join(n for _, n in present))
