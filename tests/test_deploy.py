@@ -331,7 +331,7 @@ def test_rbac_grants_exactly_what_the_kube_subnet_manager_calls(tmp_path: Path) 
                 peer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await peer
-                await peers.aclose()
+                await cast(Any, peers).aclose()  # an async generator
                 await manager.close()
 
         asyncio.run(asyncio.wait_for(life(), 30))
