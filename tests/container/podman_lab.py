@@ -41,7 +41,10 @@ T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("UDPBACKEND_CONTAINER_CACHE", "/var/tmp/udpbackend-container-tier"))
-RUN_ROOT = Path("/run/udpbackend-container-tier")
+# podman's run state (tmpfs), one per storage: two storages must not share it.
+RUN_ROOT = (
+    Path("/run") / f"udpbackend-container-tier-{hashlib.sha256(bytes(CACHE_DIR)).hexdigest()[:8]}"
+)
 SUITE = "bookworm"
 BASE_REPO = "localhost/udpbackend-test-base"
 IMAGE_REPO = "localhost/udpbackend-test"
