@@ -175,9 +175,6 @@ class Iptables:
     def exists(self, rule: Rule) -> bool:
         return self._run("-w", "-t", rule.table, "-C", rule.chain, *rule.spec, check=False)
 
-    def chain_exists(self, table: str, chain: str) -> bool:
-        return self._run("-w", "-t", table, "-S", chain, check=False)
-
     def install(self, rules: list[Rule]) -> None:
         """Make the rules present, in order and contiguous: our chains are (re)declared,
         which flushes them, and the jump from the built-in chain is deleted if present and
@@ -195,20 +192,6 @@ class Iptables:
 
     def missing(self, rules: list[Rule]) -> list[Rule]:
         return [r for r in rules if not self.exists(r)]
-
-    def remove(self, rules: list[Rule]) -> None:
-        """Delete the jumps, then flush and delete our chains; what is already gone is fine."""
-        for r in rules:
-            if not r.chain.startswith("FLANNEL-"):
-                while self.exists(r):
-                    self._run("-w", "-t", r.table, "-D", r.chain, *r.spec, check=False)
-        for table, chain in dict.fromkeys(
-            (r.table, r.chain) for r in rules if r.chain.startswith("FLANNEL-")
-        ):
-            if self.chain_exists(table, chain):
-                self._run("-w", "-t", table, "-F", chain, check=False)
-                self._run("-w", "-t", table, "-X", chain, check=False)
-
 
 # --- nftables mode: what iptables mode left -----------------------------------------------
 

@@ -282,7 +282,8 @@ class Node:
         if not (opts.ip_masq or opts.forward_rules):
             return
         try:
-            self.firewall = self.parts.make_firewall(cfg, lease.subnet)
+            # building one runs the tools (backend detection, probes): off the loop too
+            self.firewall = await asyncio.to_thread(self.parts.make_firewall, cfg, lease.subnet)
             await asyncio.to_thread(self.firewall.ensure)
         except FirewallError as e:
             raise StartupError(str(e)) from None
