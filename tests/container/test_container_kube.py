@@ -112,8 +112,8 @@ def process_node(ns: str, api: KubeApiServer, work: Path) -> Iterator[subprocess
     ]  # fmt: skip
     env = {**os.environ, "NODE_NAME": P2["name"]}
     with open(work / "node.log", "wb") as log:
-        proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        proc = subprocess.Popen(  # cwd: the installed udpbackend, not a checkout's
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=work
         )
     try:
         yield proc
