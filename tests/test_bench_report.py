@@ -330,6 +330,7 @@ def test_parse_rungs() -> None:
         "veth",
         "vxlan",
         "python",
+        "flannel-proxy",
         "per-packet",
         "batched-nooffload",
         "batched",

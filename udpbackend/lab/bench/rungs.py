@@ -107,6 +107,14 @@ RUNGS: tuple[Rung, ...] = (
     Rung("veth", "veth, no overlay (ceiling)", _veth, "kernel"),
     Rung("vxlan", "kernel VXLAN (VNI 1, port 8472, MTU 1450)", _vxlan, "kernel"),
     daemon_rung("python", "udpbackend python", "python", ONE_QUEUE),
+    # flannel's own proxy reads and sends one packet a syscall from a C poll loop: that is
+    # the baseline a user moving off flannel's UDP backend compares with
+    daemon_rung(
+        "flannel-proxy",
+        "flannel's proxy loop (per-packet C, C poll loop)",
+        "per-packet",
+        [*ONE_QUEUE, "--driver", "c"],
+    ),
     daemon_rung("per-packet", "udpbackend per-packet C", "per-packet", ONE_QUEUE),
     daemon_rung(
         "batched-nooffload",
