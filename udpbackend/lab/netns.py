@@ -153,6 +153,24 @@ class NetnsLab:
         self._ns_inodes.add((st.st_dev, st.st_ino))
         return name
 
+    def remove_netns(self, key: str) -> None:
+        """Delete one namespace made by :meth:`add_netns` before close(): what still runs in it
+        is ended by PID, its devices go with it, and the lab forgets it."""
+        self._check_open()
+        name = self.ns[key]
+        try:
+            st = os.stat(f"/var/run/netns/{name}")
+            inode = (st.st_dev, st.st_ino)
+        except OSError:
+            inode = None
+        if inode is not None:
+            self._sweep_namespace_pids({inode})
+        if name in netns.listnetns():
+            netns.remove(name)
+        del self.ns[key]
+        if inode is not None:
+            self._ns_inodes.discard(inode)
+
     def _prepare_netns(self, key: str, disable_ipv6: bool, forward: bool = True) -> None:
         """lo up, ip_forward, IPv6 off (no router-solicitation noise on TUNs)."""
         if forward:
@@ -529,9 +547,11 @@ class NetnsLab:
 
     # -- teardown --
 
-    def _sweep_namespace_pids(self) -> None:
-        """End leftovers we started indirectly (e.g. a daemon's child) still inside our netns."""
-        if not self._ns_inodes:
+    def _sweep_namespace_pids(self, inodes: set[tuple[int, int]] | None = None) -> None:
+        """End leftovers we started indirectly (e.g. a daemon's child) still inside our netns
+        (or only inside the namespaces ``inodes`` names)."""
+        inodes = self._ns_inodes if inodes is None else inodes
+        if not inodes:
             return
         me = os.getpid()
         victims = []
@@ -542,7 +562,7 @@ class NetnsLab:
                 st = os.stat(f"/proc/{entry}/ns/net")
             except OSError:
                 continue
-            if (st.st_dev, st.st_ino) in self._ns_inodes:
+            if (st.st_dev, st.st_ino) in inodes:
                 victims.append(int(entry))
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in victims:
