@@ -33,7 +33,9 @@
 #define FP_REPLY 1               /* pkt dropped; reply[0:*reply_len] is an ICMP error to deliver */
 #define FP_DROP 2                /* pkt dropped; the reason was counted */
 
-/* Drop reasons: indexes into fp_dir_stats.drops.  Checked in this order. */
+/* Drop reasons: indexes into fp_dir_stats.drops.  Checked in this order, but for the source
+ * check of ingress (fp_ingress): UNKNOWN_PEER before everything, SPOOFED_SOURCE and NOT_LOCAL
+ * right after BAD_CHECKSUM. */
 #define FP_DROP_TOO_SHORT 0      /* fewer than 20 bytes */
 #define FP_DROP_NOT_IPV4 1       /* version nibble is not 4 (e.g. IPv6 noise on the TUN) */
 #define FP_DROP_BAD_HEADER 2     /* IHL < 5, IHL*4 > bytes received, or total length < IHL*4 */
@@ -44,7 +46,16 @@
 #define FP_DROP_NO_ROUTE 7       /* egress only: no route for the destination */
 #define FP_DROP_TX_ERROR 8       /* sendmmsg/sendto/write refused the packet, or the socket stayed full */
 #define FP_DROP_BAD_OFFLOAD 9    /* egress with vnet: a virtio-net header or super-packet we cannot split */
-#define FP_DROP_REASONS 10
+#define FP_DROP_UNKNOWN_PEER 10  /* ingress: the datagram's source address is no route's next hop */
+#define FP_DROP_SPOOFED_SOURCE 11 /* ingress, strict: inner source outside the sending peer's subnets */
+#define FP_DROP_NOT_LOCAL 12     /* ingress, strict: inner destination outside this node's subnet */
+#define FP_DROP_REASONS 13
+
+/* Ingress source check (fp_ctx.peer_check), the --peer-check flag. */
+#define FP_PEER_CHECK_OFF 0      /* flannel's behaviour: any datagram from anywhere is written */
+#define FP_PEER_CHECK_PEER_ONLY 1 /* the datagram's source address must be a known peer's */
+#define FP_PEER_CHECK_STRICT 2   /* ...and the inner source inside that peer's subnet(s), the
+                                  * inner destination inside this node's subnet (or local_ip) */
 
 /* Syscall kinds: indexes into fp_stats.syscalls.  Calls that return EAGAIN count too. */
 #define FP_SYS_READ 0
@@ -88,6 +99,9 @@ typedef struct {
  * Not shared between threads. */
 typedef struct {
     uint32_t local_ip;           /* the TUN's address: source of generated ICMP errors */
+    uint32_t local_net;          /* this node's subnet (its lease): where ingress may deliver */
+    uint32_t local_mask;         /* ...as a netmask (from the prefix length) */
+    uint32_t peer_check;         /* FP_PEER_CHECK_*: the ingress source check */
     uint32_t mtu;                /* largest packet accepted in either direction */
     uint32_t per_packet;         /* 1: one read + one sendto per packet (flannel's loop); 0: batched */
     uint32_t udp_gso;            /* batched: coalesce runs of equal-size packets to one peer into one
@@ -150,10 +164,27 @@ int fp_routes_lookup(const fp_routes *rt, uint32_t addr, fp_hop *hop);
 /* Number of routes held. */
 int fp_routes_count(const fp_routes *rt);
 
-/* Set up cx: the given config, a full token bucket, zeroed counters.  0 or -EINVAL when
- * mtu < 68 or mtu > 65535. */
+/* The peer-address table beside the routes, kept by fp_routes_set / fp_routes_del alone: each
+ * public IP that is some route's next hop (the port plays no part), with the subnets of the
+ * routes naming it - one in flannel, more while a lease moves or when one address holds
+ * several leases.  A lookup is one hash probe and a scan of that peer's own subnets, whatever
+ * the number of peers.
+ * fp_routes_peer: -ENOENT when peer_ip is no route's next hop, else 1 when addr lies in one of
+ * the subnets of the routes naming it, 0 when not. */
+int fp_routes_peer(const fp_routes *rt, uint32_t peer_ip, uint32_t addr);
+/* The subnets naming peer_ip, in no particular order: the first min(n, max) into
+ * nets[] / plens[]; returns n (> 0), or -ENOENT. */
+int fp_routes_peer_subnets(const fp_routes *rt, uint32_t peer_ip, uint32_t *nets,
+                           uint32_t *plens, uint32_t max);
+/* Number of distinct public IPs in the peer table. */
+int fp_routes_peer_count(const fp_routes *rt);
+
+/* Set up cx: the given config, a full token bucket, zeroed counters.  local_net/local_plen is
+ * this node's subnet.  0 or -EINVAL when mtu < 68 or mtu > 65535, local_plen > 32, host bits
+ * are set in local_net, or peer_check is not a FP_PEER_CHECK_*. */
 int fp_ctx_init(fp_ctx *cx, uint32_t local_ip, uint32_t mtu, uint32_t per_packet,
-                uint32_t icmp_rate, uint32_t icmp_burst);
+                uint32_t icmp_rate, uint32_t icmp_burst, uint32_t local_net,
+                uint32_t local_plen, uint32_t peer_check);
 
 /* Probe and switch on UDP segmentation offloads for udp_fd: want is a mask of
  * FP_OFFLOAD_GSO | FP_OFFLOAD_GRO; returns the mask actually enabled (>= 0) and sets
@@ -237,8 +268,16 @@ uint16_t fp_checksum(const uint8_t *buf, uint32_t len);
 
 /* The sans-IO core.  Decide one packet of *len bytes at pkt, pkt having room for at least
  * *len bytes; now_ns is a monotonic clock for the ICMP token bucket.
+ *   0. ingress only, peer_check >= PEER_ONLY: src_ip (the datagram's source address) must be
+ *      in rt's peer table, else drop (UNKNOWN_PEER) before the packet is even looked at;
  *   1. validate: the FP_DROP_* checks TOO_SHORT..BAD_CHECKSUM in order; bytes beyond the
- *      IPv4 total length are trimmed (*len := total length);
+ *      IPv4 total length are trimmed (*len := total length).  Egress only: a packet over the
+ *      mtu with DF set and a valid header checksum gets ICMP fragmentation-needed (type 3,
+ *      code 4, the mtu as next-hop MTU, RFC 1191) - still an OVERSIZE drop;
+ *   1b. ingress only, peer_check STRICT: the inner source must lie in a subnet of a route
+ *      naming src_ip (fp_routes_peer), else drop (SPOOFED_SOURCE); the inner destination must
+ *      lie in local_net/local_mask or be local_ip, else drop (NOT_LOCAL).  No ICMP error ever
+ *      answers a datagram refused by steps 0 and 1b: the check comes first;
  *   2. TTL <= 1: drop (TTL_EXCEEDED) and build ICMP time-exceeded (type 11, code 0);
  *   3. egress only: longest-prefix lookup of the destination; none: drop (NO_ROUTE) and build
  *      ICMP dest-unreachable (type 3, code 0) - flannel's "net unreachable";
@@ -252,8 +291,8 @@ uint16_t fp_checksum(const uint8_t *buf, uint32_t len);
  * Both functions bump the drop and ICMP counters; rx/tx/syscall counters are the pumps'. */
 int fp_egress(fp_ctx *cx, const fp_routes *rt, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
               fp_hop *hop, uint8_t *reply, uint32_t *reply_len);
-int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
-               uint8_t *reply, uint32_t *reply_len);
+int fp_ingress(fp_ctx *cx, const fp_routes *rt, uint8_t *pkt, uint32_t *len, uint32_t src_ip,
+               uint64_t now_ns, uint8_t *reply, uint32_t *reply_len);
 
 /* The pumps.  Never block for long: fds must be non-blocking.  Each stops taking in packets
  * once `budget` have been taken (so that a caller on an event loop is never starved) and stops
@@ -290,12 +329,16 @@ int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
  * fp_udp_to_tun (ingress), one round:
  *   1. one recvmmsg of up to nslots datagrams (per_packet: one recvfrom); with udp_gro a
  *      message may hold several datagrams of the size the kernel reports, split here;
- *   2. fp_ingress on each: FORWARD -> one write into tun_fd each; REPLY (time exceeded) ->
- *      sendto the datagram's source address.  With cx->vnet the forwarded packets of the
+ *      A message cut by the kernel (over the slot) is one OVERSIZE drop - or UNKNOWN_PEER when
+ *      its sender fails step 0 of fp_ingress;
+ *   2. fp_ingress (with rt and the datagram's source address) on each: FORWARD -> one write
+ *      into tun_fd each; REPLY (time exceeded) -> sendto the datagram's source address, which
+ *      passed the source check (unless peer_check is OFF).  With cx->vnet the forwarded packets of the
  *      round go through fp_gro_coalesce_spans (headers into b->aux, payloads left in the
  *      arena): one writev per merged run. */
 int fp_tun_to_udp(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int tun_fd, int udp_fd, int budget);
-int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget);
+int fp_udp_to_tun(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int udp_fd, int tun_fd,
+                  int budget);
 
 /* The same pumps driven by a tight C loop instead of the Python event loop (a yardstick for
  * what the Python glue costs): epoll on tun_fd, udp_fd and stop_fd, level-triggered; each

@@ -1,6 +1,6 @@
 /* internal.h - helpers shared by the .c files of the fast path; not part of the contract.
  * Byte access (big-endian IPv4, little-endian virtio-net), IPv4 offsets, checksums, and the
- * one cross-file function that is not in fastpath.h.  No syscalls here. */
+ * three cross-file functions that are not in fastpath.h.  No syscalls here. */
 #ifndef FP_INTERNAL_H
 #define FP_INTERNAL_H
 
@@ -103,6 +103,18 @@ static inline uint16_t csum_fold(uint64_t sum)
 int fp_egress_super(const fp_ctx *cx, const fp_routes *rt, uint8_t *frame, uint32_t len,
                     uint8_t *hdrs, uint32_t hdrs_cap, uint32_t *hdr_len, uint32_t *pay_off,
                     uint32_t *pay_len, uint32_t max_segs, fp_hop *hop);
+
+/* packet.c: step 0 of fp_ingress alone - FP_DROP_UNKNOWN_PEER when cx's peer check refuses a
+ * datagram from src_ip whatever it holds, else -1.  Counts nothing.  For the pump's drops
+ * taken before fp_ingress (a message the kernel cut): the check comes first there too. */
+int fp_ingress_outer(const fp_ctx *cx, const fp_routes *rt, uint32_t src_ip);
+
+/* packet.c: fragmentation needed (3/4, RFC 1191) for the IPv4 packet at pkt[0:len] that is
+ * too big for cx->mtu - when it has DF set, a header that verifies and may be answered, and
+ * the token bucket allows: FP_REPLY with reply[0:*reply_len], else FP_DROP.  Counts the ICMP
+ * counters only (the caller has counted the OVERSIZE drop). */
+int fp_egress_too_big(fp_ctx *cx, const uint8_t *pkt, uint32_t len, uint64_t now_ns,
+                      uint8_t *reply, uint32_t *reply_len);
 
 static inline int hist_bucket(uint32_t n)
 {

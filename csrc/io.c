@@ -416,6 +416,14 @@ static uint32_t egress_each(fp_ctx *cx, const fp_routes *rt, txq_t *q, fp_batch 
         st->rx_packets++;
         st->rx_bytes += len > FP_VNET_HDR_LEN ? len - FP_VNET_HDR_LEN : 0;
         st->drops[n == -EMSGSIZE ? FP_DROP_OVERSIZE : FP_DROP_BAD_OFFLOAD]++;
+        /* A super-packet cut into segments over the mtu (a TUN MTU above the path's): the
+         * sender learns the mtu from fragmentation needed, as for a plain packet. */
+        uint32_t rlen = 0;
+        if (n == -EMSGSIZE
+            && fp_egress_too_big(cx, frame + FP_VNET_HDR_LEN, len - FP_VNET_HDR_LEN, now_ns(),
+                                 reply, &rlen) == FP_REPLY
+            && tun_write(cx, tun_fd, reply, rlen, 0) < 0)
+            st->drops[FP_DROP_TX_ERROR]++;
         return 1;
     }
     if (frame[1] != FP_VNET_GSO_NONE)
@@ -609,17 +617,17 @@ static void gro_flush(fp_ctx *cx, fp_dir_stats *st, gro_queue *q, fp_batch *b, i
     q->n = 0;
 }
 
-/* One datagram received over UDP: decide, then into the TUN (or the merge queue) or a reply
- * to its sender. */
-static void ingress_one(fp_ctx *cx, fp_dir_stats *st, uint8_t *pkt, uint32_t len, uint64_t now,
-                        const struct sockaddr_in *from, int udp_fd, int tun_fd, gro_queue *q,
-                        fp_batch *b)
+/* One datagram received over UDP: decide (its sender's address checked against rt's peer
+ * table), then into the TUN (or the merge queue) or a reply to its sender. */
+static void ingress_one(fp_ctx *cx, const fp_routes *rt, fp_dir_stats *st, uint8_t *pkt,
+                        uint32_t len, uint64_t now, const struct sockaddr_in *from, int udp_fd,
+                        int tun_fd, gro_queue *q, fp_batch *b)
 {
     uint8_t reply[FP_REPLY_MAX];
     uint32_t rlen = 0;
     st->rx_packets++;
     st->rx_bytes += len;
-    int v = fp_ingress(cx, pkt, &len, now, reply, &rlen);
+    int v = fp_ingress(cx, rt, pkt, &len, ntohl(from->sin_addr.s_addr), now, reply, &rlen);
     if (v == FP_FORWARD && q) {
         if (q->n == FP_MAX_QUEUE) /* aux holds only headers: FP_SPAN_HDR_MAX bytes a packet */
             gro_flush(cx, st, q, b, tun_fd);
@@ -650,7 +658,8 @@ static uint32_t gro_size(struct msghdr *h)
     return 0;
 }
 
-int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget)
+int fp_udp_to_tun(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int udp_fd, int tun_fd,
+                  int budget)
 {
     int err = check_batch(cx, b, 1);
     if (err)
@@ -720,24 +729,26 @@ int fp_udp_to_tun(fp_ctx *cx, fp_batch *b, int udp_fd, int tun_fd, int budget)
             uint32_t len = msgs[i].msg_len;
             /* A slot is at least mtu + 1 bytes, and with udp_gro at least FP_UDP_MAX_PAYLOAD
              * (check_batch): a message cut by the kernel (MSG_TRUNC; recvfrom reports the real
-             * length) is one datagram over the MTU, never written. */
+             * length) is one datagram over the MTU, never written; from a stranger it is
+             * counted as such first, as fp_ingress would. */
             if (len > b->slot_size || (msgs[i].msg_hdr.msg_flags & MSG_TRUNC)) {
+                int why = fp_ingress_outer(cx, rt, ntohl(from[i].sin_addr.s_addr));
                 st->rx_packets++;
                 st->rx_bytes += len;
-                st->drops[FP_DROP_OVERSIZE]++;
+                st->drops[why >= 0 ? why : FP_DROP_OVERSIZE]++;
                 taken++;
                 continue;
             }
             uint32_t seg = cx->udp_gro ? gro_size(&msgs[i].msg_hdr) : 0;
             if (seg == 0 || seg >= len) {
-                ingress_one(cx, st, slot, len, now, &from[i], udp_fd, tun_fd, gq, b);
+                ingress_one(cx, rt, st, slot, len, now, &from[i], udp_fd, tun_fd, gq, b);
                 taken++;
                 continue;
             }
             cx->stats.gro_receives++;
             for (uint32_t off = 0; off < len; off += seg) {
                 uint32_t l = len - off < seg ? len - off : seg;
-                ingress_one(cx, st, slot + off, l, now, &from[i], udp_fd, tun_fd, gq, b);
+                ingress_one(cx, rt, st, slot + off, l, now, &from[i], udp_fd, tun_fd, gq, b);
                 taken++;
             }
         }
@@ -784,7 +795,7 @@ int fp_run(fp_ctx *cx, const fp_routes *rt, fp_batch *egress, fp_batch *ingress,
             else if (fd == tun_fd)
                 rc = fp_tun_to_udp(cx, rt, egress, tun_fd, udp_fd, budget);
             else
-                rc = fp_udp_to_tun(cx, ingress, udp_fd, tun_fd, budget);
+                rc = fp_udp_to_tun(cx, rt, ingress, udp_fd, tun_fd, budget);
         }
         if (stop || rc < 0)
             break;

@@ -1,18 +1,26 @@
 /* packet.c - the sans-IO core: IPv4 validation, TTL decrement (RFC 1624), ICMP errors,
- * the ICMP token bucket, the per-packet verdicts fp_egress / fp_ingress, and fp_egress_super,
- * fp_egress's verdict made once for all segments of a super-packet (the egress vnet path).
+ * the ICMP token bucket, the ingress source check (who may write into the TUN), the
+ * per-packet verdicts fp_egress / fp_ingress, and fp_egress_super, fp_egress's verdict made
+ * once for all segments of a super-packet (the egress vnet path).
  * No syscalls, no globals, no allocation: everything works on caller-owned bytes. */
 #include "internal.h"
 
 #define NS_PER_SEC 1000000000ULL
 
 int fp_ctx_init(fp_ctx *cx, uint32_t local_ip, uint32_t mtu, uint32_t per_packet,
-                uint32_t icmp_rate, uint32_t icmp_burst)
+                uint32_t icmp_rate, uint32_t icmp_burst, uint32_t local_net,
+                uint32_t local_plen, uint32_t peer_check)
 {
-    if (mtu < 68 || mtu > 65535)
+    if (mtu < 68 || mtu > 65535 || local_plen > 32 || peer_check > FP_PEER_CHECK_STRICT)
+        return -EINVAL;
+    uint32_t mask = local_plen ? 0xffffffffu << (32 - local_plen) : 0;
+    if (local_net & ~mask)
         return -EINVAL;
     memset(cx, 0, sizeof(*cx));
     cx->local_ip = local_ip;
+    cx->local_net = local_net;
+    cx->local_mask = mask;
+    cx->peer_check = peer_check;
     cx->mtu = mtu;
     cx->per_packet = per_packet ? 1 : 0;
     cx->icmp_rate = icmp_rate;
@@ -92,8 +100,9 @@ static int may_answer(const uint8_t *pkt, uint32_t len)
     return 1;
 }
 
+/* next_mtu: the Next-Hop MTU field of a fragmentation-needed error (RFC 1191), else 0. */
 static uint32_t build_icmp_error(const fp_ctx *cx, const uint8_t *pkt, uint32_t len,
-                                 uint8_t type, uint8_t code, uint8_t *reply)
+                                 uint8_t type, uint8_t code, uint16_t next_mtu, uint8_t *reply)
 {
     uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4;
     uint32_t quote = ihl + 8 < len ? ihl + 8 : len;
@@ -111,14 +120,16 @@ static uint32_t build_icmp_error(const fp_ctx *cx, const uint8_t *pkt, uint32_t 
 
     icmp[0] = type;
     icmp[1] = code;
+    wr16(icmp + 6, next_mtu);
     memcpy(icmp + 8, pkt, quote);
     wr16(icmp + 2, fp_checksum(icmp, 8 + quote));
     return total;
 }
 
-/* Steps 2 (TTL) and the ICMP decision shared by both directions.  Returns a verdict. */
+/* The ICMP decision shared by every error (time exceeded, unreachable, fragmentation
+ * needed): type/code, and for 3/4 the next-hop MTU.  Returns a verdict. */
 static int answer(fp_ctx *cx, const uint8_t *pkt, uint32_t len, uint64_t now_ns,
-                  uint8_t type, uint8_t *reply, uint32_t *reply_len)
+                  uint8_t type, uint8_t code, uint8_t *reply, uint32_t *reply_len)
 {
     if (!may_answer(pkt, len))
         return FP_DROP;
@@ -126,7 +137,8 @@ static int answer(fp_ctx *cx, const uint8_t *pkt, uint32_t len, uint64_t now_ns,
         cx->stats.icmp_ratelimited++;
         return FP_DROP;
     }
-    *reply_len = build_icmp_error(cx, pkt, len, type, 0, reply);
+    *reply_len = build_icmp_error(cx, pkt, len, type, code,
+                                  type == 3 && code == 4 ? (uint16_t)cx->mtu : 0, reply);
     if (type == 3)
         cx->stats.icmp_unreachable++;
     else
@@ -148,30 +160,55 @@ static void decrement_ttl(uint8_t *pkt)
     wr16(pkt + IP_OFF_CSUM, (uint16_t)~sum);
 }
 
+/* RFC 1191: a DF packet over the mtu is answered with fragmentation needed - so that a TUN
+ * MTU set above the path's is found out by PMTU discovery, not blackholed.  Only a header
+ * whose checksum verifies is answered (validate stopped before checking it). */
+int fp_egress_too_big(fp_ctx *cx, const uint8_t *pkt, uint32_t len, uint64_t now_ns,
+                      uint8_t *reply, uint32_t *reply_len)
+{
+    if (len < 20 || (pkt[0] >> 4) != 4)
+        return FP_DROP;
+    uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4;
+    if (ihl < 20 || ihl > len || !(rd16(pkt + IP_OFF_FRAG) & 0x4000) || fp_checksum(pkt, ihl) != 0)
+        return FP_DROP;
+    uint32_t tot = rd16(pkt + IP_OFF_TOTLEN);
+    return answer(cx, pkt, tot >= ihl && tot < len ? tot : len, now_ns, 3, 4, reply, reply_len);
+}
+
+/* Step 1 and (egress: step 2; ingress: after the source check) the TTL. */
 static int common(fp_ctx *cx, fp_dir_stats *st, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
                   uint8_t *reply, uint32_t *reply_len)
 {
     int why = validate(cx, pkt, len);
     if (why >= 0) {
         st->drops[why]++;
+        if (why == FP_DROP_OVERSIZE && st == &cx->stats.egress)
+            return fp_egress_too_big(cx, pkt, *len, now_ns, reply, reply_len);
         return FP_DROP;
     }
-    if (pkt[IP_OFF_TTL] <= 1) {
-        st->drops[FP_DROP_TTL_EXCEEDED]++;
-        return answer(cx, pkt, *len, now_ns, 11, reply, reply_len);
-    }
     return -1;
+}
+
+static int ttl_expired(fp_ctx *cx, fp_dir_stats *st, const uint8_t *pkt, uint32_t len,
+                       uint64_t now_ns, uint8_t *reply, uint32_t *reply_len)
+{
+    if (pkt[IP_OFF_TTL] > 1)
+        return -1;
+    st->drops[FP_DROP_TTL_EXCEEDED]++;
+    return answer(cx, pkt, len, now_ns, 11, 0, reply, reply_len);
 }
 
 int fp_egress(fp_ctx *cx, const fp_routes *rt, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
               fp_hop *hop, uint8_t *reply, uint32_t *reply_len)
 {
     int v = common(cx, &cx->stats.egress, pkt, len, now_ns, reply, reply_len);
+    if (v < 0)
+        v = ttl_expired(cx, &cx->stats.egress, pkt, *len, now_ns, reply, reply_len);
     if (v >= 0)
         return v;
     if (fp_routes_lookup(rt, rd32(pkt + IP_OFF_DST), hop) < 0) {
         cx->stats.egress.drops[FP_DROP_NO_ROUTE]++;
-        return answer(cx, pkt, *len, now_ns, 3, reply, reply_len);
+        return answer(cx, pkt, *len, now_ns, 3, 0, reply, reply_len);
     }
     decrement_ttl(pkt);
     return FP_FORWARD;
@@ -196,10 +233,42 @@ int fp_egress_super(const fp_ctx *cx, const fp_routes *rt, uint8_t *frame, uint3
     return n;
 }
 
-int fp_ingress(fp_ctx *cx, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
-               uint8_t *reply, uint32_t *reply_len)
+int fp_ingress_outer(const fp_ctx *cx, const fp_routes *rt, uint32_t src_ip)
 {
-    int v = common(cx, &cx->stats.ingress, pkt, len, now_ns, reply, reply_len);
+    if (cx->peer_check == FP_PEER_CHECK_OFF || fp_routes_peer(rt, src_ip, 0) >= 0)
+        return -1;
+    return FP_DROP_UNKNOWN_PEER;
+}
+
+/* Step 1b, strict only: the inner addresses of a valid header against who sent it. */
+static int inner_check(const fp_ctx *cx, const fp_routes *rt, const uint8_t *pkt, uint32_t src_ip)
+{
+    if (cx->peer_check != FP_PEER_CHECK_STRICT)
+        return -1;
+    if (fp_routes_peer(rt, src_ip, rd32(pkt + IP_OFF_SRC)) != 1)
+        return FP_DROP_SPOOFED_SOURCE;
+    uint32_t dst = rd32(pkt + IP_OFF_DST);
+    if ((dst & cx->local_mask) != cx->local_net && dst != cx->local_ip)
+        return FP_DROP_NOT_LOCAL;
+    return -1;
+}
+
+int fp_ingress(fp_ctx *cx, const fp_routes *rt, uint8_t *pkt, uint32_t *len, uint32_t src_ip,
+               uint64_t now_ns, uint8_t *reply, uint32_t *reply_len)
+{
+    fp_dir_stats *st = &cx->stats.ingress;
+    int why = fp_ingress_outer(cx, rt, src_ip);
+    if (why < 0) {
+        int v = common(cx, st, pkt, len, now_ns, reply, reply_len);
+        if (v >= 0)
+            return v;
+        why = inner_check(cx, rt, pkt, src_ip);
+    }
+    if (why >= 0) {
+        st->drops[why]++;
+        return FP_DROP;
+    }
+    int v = ttl_expired(cx, st, pkt, *len, now_ns, reply, reply_len);
     if (v >= 0)
         return v;
     decrement_ttl(pkt);

@@ -163,6 +163,15 @@ def icmp_error(local_ip: int, offender: bytes, type_: int, length: int | None = 
     return ipv4(local_ip, field(offender, "src"), 1, msg, ttl=8)
 
 
+def frag_needed(local_ip: int, offender: bytes, mtu: int) -> bytes:
+    """ICMP fragmentation needed (3/4) with the next-hop MTU (RFC 1191) that a hop at local_ip
+    whose link takes mtu bytes sends about offender, built as icmp_error is."""
+    ihl = (offender[0] & 15) * 4
+    quote = offender[: min(field(offender, "total_length"), ihl + 8)]
+    msg = icmp(3, 4, struct.pack(">HH", 0, mtu) + quote)
+    return ipv4(local_ip, field(offender, "src"), 1, msg, ttl=8)
+
+
 def nonzero(stats: dict, prefix: str = "") -> dict:
     """The nonzero counters of a stats dict, flattened: {"egress.drops.no_route": 1, ...}."""
     out: dict = {}

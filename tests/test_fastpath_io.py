@@ -20,8 +20,10 @@ from packets import (
     TS_OPTS,
     complete,
     expect_tcp,
+    field,
     flow,
     forwarded,
+    frag_needed,
     header_ok,
     icmp_error,
     ip,
@@ -38,8 +40,9 @@ from packets import (
 )
 
 LOCAL = ip("198.18.0.1")
+LOCAL_SUBNET = (ip("198.18.0.0"), 16)  # this node's: ingress delivers SRC and UNROUTED here
 SRC = "198.18.5.5"
-DST = "198.19.1.5"  # routed to the peer socket
+DST = "198.19.1.5"  # routed to the peer socket: ingress from the peer comes from its subnet
 UNROUTED = "198.18.9.9"
 BLACKHOLE = "198.19.2.5"  # routed to 127.0.0.1 port 0: every sendto fails with EINVAL
 MTU = 1400
@@ -69,6 +72,7 @@ class Rig:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         self.sock.bind(("127.0.0.1", 0))
         self.peer.bind(("127.0.0.1", 0))
+        cxkw.setdefault("subnet", LOCAL_SUBNET)
         self.cx = self.impl.Context(LOCAL, mtu, per_packet=mode != "c-batched", **cxkw)
         self.routes = self.impl.Routes()
         self.routes.set(ip("198.19.0.0"), 16, ip("127.0.0.1"), self.peer.getsockname()[1])
@@ -311,9 +315,9 @@ def test_send_refused_is_tx_error(make_rig, mode):
 def test_ingress_byte_exact(make_rig, mode):
     rig = make_rig(mode)
     pkts = [
-        ipv4_udp(SRC, DST, b"x" * 33),
-        ipv4_udp(SRC, UNROUTED, b"ingress needs no route", ttl=2),
-        ipv4_udp(SRC, DST, b"y" * (MTU - 28)),
+        ipv4_udp(DST, SRC, b"x" * 33),
+        ipv4_udp(DST, UNROUTED, b"ingress needs no route", ttl=2),
+        ipv4_udp(DST, SRC, b"y" * (MTU - 28)),
     ]
     rig.from_peer(pkts[0], pkts[1] + b"trailer", pkts[2])
     assert rig.pump.udp_to_tun(100) == 3
@@ -335,7 +339,7 @@ def test_ingress_byte_exact(make_rig, mode):
 
 def test_ingress_budget(make_rig, mode):
     rig = make_rig(mode, batch=4)
-    pkts = [ipv4_udp(SRC, DST, bytes([i]) * 20) for i in range(7)]
+    pkts = [ipv4_udp(DST, SRC, bytes([i]) * 20) for i in range(7)]
     rig.from_peer(*pkts)
     assert rig.pump.udp_to_tun(5) == 5
     assert rig.tun_out() == [forwarded(p) for p in pkts[:5]]
@@ -352,7 +356,7 @@ def test_ingress_budget(make_rig, mode):
 
 def test_ingress_ttl_exceeded_answers_sender(make_rig, mode):
     rig = make_rig(mode)
-    pkt = ipv4_udp(SRC, DST, b"last hop", ttl=1)
+    pkt = ipv4_udp(DST, SRC, b"last hop", ttl=1)
     rig.from_peer(pkt)
     assert rig.pump.udp_to_tun(10) == 1
     assert rig.tun_out() == []
@@ -375,8 +379,8 @@ def test_ingress_ttl_exceeded_answers_sender(make_rig, mode):
 @pytest.mark.parametrize("size", [MTU + 1, 1500, 9000, 60000])
 def test_ingress_oversize_not_written(make_rig, mode, size):
     rig = make_rig(mode)
-    big = ipv4_udp(SRC, DST, b"B" * (size - 28))
-    ok = ipv4_udp(SRC, DST, b"fine")
+    big = ipv4_udp(DST, SRC, b"B" * (size - 28))
+    ok = ipv4_udp(DST, SRC, b"fine")
     rig.from_peer(big, ok)
     assert rig.pump.udp_to_tun(10) == 2
     assert rig.tun_out() == [forwarded(ok)], "only the packet within the MTU reaches the TUN"
@@ -388,7 +392,7 @@ def test_ingress_oversize_not_written(make_rig, mode, size):
 
 def test_ingress_garbage(make_rig, mode):
     rig = make_rig(mode)
-    junk = [b"", b"hello", b"\x60" + bytes(50), mutate(ipv4_udp(SRC, DST), checksum=3)]
+    junk = [b"", b"hello", b"\x60" + bytes(50), mutate(ipv4_udp(DST, SRC), checksum=3)]
     rig.from_peer(*junk)
     assert rig.pump.udp_to_tun(10) == 4
     assert rig.tun_out() == []
@@ -412,7 +416,7 @@ def test_full_tun_costs_tx_error(make_rig, mode):
     rig = make_rig(mode)
     rig.tun_fd_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     filler = fill(rig.tun_fd_end)  # the pump's writes into the TUN now get EAGAIN
-    ok, ttl1 = ipv4_udp(SRC, DST, b"in"), ipv4_udp(SRC, UNROUTED, b"out", ttl=1)
+    ok, ttl1 = ipv4_udp(DST, SRC, b"in"), ipv4_udp(SRC, UNROUTED, b"out", ttl=1)
     rig.from_peer(ok)
     rig.to_tun(ttl1)
     t0 = time.monotonic()
@@ -514,8 +518,8 @@ def test_gro_ingress_split_into_packets(make_rig):
     rig = make_rig("c-batched", batch=8, offload=True)
     if not rig.pump.offloads["udp_gro"]:
         pytest.skip("the kernel refused UDP_GRO on this socket")
-    pkts = [ipv4_udp(SRC, DST, bytes([i]) * 92) for i in range(4)]  # 120 bytes each
-    pkts.append(ipv4_udp(SRC, DST, b"tail"))
+    pkts = [ipv4_udp(DST, SRC, bytes([i]) * 92) for i in range(4)]  # 120 bytes each
+    pkts.append(ipv4_udp(DST, SRC, b"tail"))
     seg = struct.pack("=H", 120)
     try:
         rig.peer.sendmsg(
@@ -559,12 +563,13 @@ def run_script(impl: ModuleType, mode: str) -> tuple[dict, list, list]:
             ipv4_udp(SRC, DST, b"two") + b"trailer",
         ]
         ingress_pkts = [
-            ipv4_udp(SRC, DST, b"in one"),
-            ipv4_udp(SRC, DST, b"in ttl", ttl=1),
-            ipv4_udp(SRC, DST, b"O" * 2000),
+            ipv4_udp(DST, SRC, b"in one"),
+            ipv4_udp(DST, SRC, b"in ttl", ttl=1),
+            ipv4_udp(DST, SRC, b"O" * 2000),
             b"\x45" + bytes(30),
-            ipv4_udp("224.0.0.5", DST, b"mcast src", ttl=1),
-            ipv4_udp(SRC, DST, b"in two"),
+            ipv4_udp(DST, "224.0.0.5", b"mcast dst", ttl=1),
+            ipv4_udp(SRC, SRC, b"spoofed: a local source"),
+            ipv4_udp(DST, SRC, b"in two"),
         ]
         rig.to_tun(*egress_pkts)
         rig.from_peer(*ingress_pkts)
@@ -756,18 +761,21 @@ def test_vnet_super_packet_that_cannot_go_counts_every_segment(make_rig, case):
 
 def test_vnet_gso_none_over_mtu_is_an_egress_drop(make_rig):
     # fastpath.h: the split returns a GSO_NONE packet as it is, whatever its size, and fp_egress
-    # drops it as oversize - the very counters a TUN without vnet headers gives.
+    # drops it as oversize - the very counters a TUN without vnet headers gives; the TCP one has
+    # DF set and gets fragmentation needed (with a vnet header), the UDP one (no DF) nothing.
     big = ipv4_udp(SRC, DST, b"o" * (MTU + 1 - 28))
     partial = tcp4(payload(MTU), src=SRC, dst=DST, csum="partial")
+    assert field(partial, "flags_frag") & 0x4000 and not field(big, "flags_frag")
     frames = [vnet() + big, vnet(NEEDS_CSUM, GSO_NONE, 0, 0, 20, 16) + partial]
     plain = make_rig("c-batched")
     plain.to_tun(big, partial)
     assert plain.pump.tun_to_udp(100) == 2
+    assert plain.tun_out() == [frag_needed(LOCAL, partial, MTU)]
     rig = vnet_rig(make_rig)
     rig.to_tun(*frames)
     assert rig.pump.tun_to_udp(100) == 2
     rig.peer_in(0)
-    assert rig.tun_out() == [], "no ICMP error for an oversize drop"
+    assert rig.tun_out() == [bytes(10) + frag_needed(LOCAL, partial, MTU)]
     s = nonzero(rig.cx.stats())
     assert s == nonzero(plain.cx.stats())
     assert s["egress.drops.oversize"] == 2 and s["egress.rx_bytes"] == len(big) + len(partial)
@@ -816,7 +824,8 @@ def test_vnet_bad_frames_counted_never_sent(make_rig):
     rig.to_tun(*bad, too_big, vnet() + good)
     assert rig.pump.tun_to_udp(100) == len(bad) + 2
     assert [d for d, _ in rig.peer_in(1)] == [forwarded(good)]
-    assert rig.tun_out() == []
+    # the super-packet too big for the MTU (DF set, as TCP sends): the sender learns the MTU
+    assert rig.tun_out() == [bytes(10) + frag_needed(LOCAL, too_big[10:], MTU)]
     s = rig.cx.stats()
     e = s["egress"]
     assert {k: v for k, v in e["drops"].items() if v} == {"bad_offload": len(bad), "oversize": 1}
@@ -844,10 +853,10 @@ def test_vnet_egress_budget(make_rig):
 
 def test_vnet_ingress_coalesces_runs(make_rig):
     rig = vnet_rig(make_rig, batch=16)
-    a = flow([1000] * 5, src=SRC, dst=DST)
-    b = flow([700, 700, 300], src=SRC, dst=DST, sport=40001, seq=777)
-    udp = ipv4_udp(SRC, DST, b"not tcp")
-    ack = tcp4(b"", src=SRC, dst=DST, seq=5)
+    a = flow([1000] * 5, src=DST, dst=SRC)
+    b = flow([700, 700, 300], src=DST, dst=SRC, sport=40001, seq=777)
+    udp = ipv4_udp(DST, SRC, b"not tcp")
+    ack = tcp4(b"", src=DST, dst=SRC, seq=5)
     rig.from_peer(*a, udp, *b, ack)
     assert rig.pump.udp_to_tun(100) == 10
     fa, fb = [forwarded(p) for p in a], [forwarded(p) for p in b]
@@ -877,8 +886,8 @@ def test_vnet_ingress_coalesces_runs(make_rig):
 
 def test_vnet_ingress_drops_and_replies(make_rig):
     rig = vnet_rig(make_rig)
-    a = flow([500] * 3, src=SRC, dst=DST)
-    ttl1 = ipv4_udp(SRC, DST, b"last hop", ttl=1)
+    a = flow([500] * 3, src=DST, dst=SRC)
+    ttl1 = ipv4_udp(DST, SRC, b"last hop", ttl=1)
     rig.from_peer(a[0], b"junk", a[1], ttl1, a[2])
     assert rig.pump.udp_to_tun(100) == 5
     # the drop and the reply do not break the run: only forwarded packets are merged
@@ -892,7 +901,7 @@ def test_vnet_ingress_drops_and_replies(make_rig):
 
 def test_vnet_ingress_budget(make_rig):
     rig = vnet_rig(make_rig, batch=8)
-    a = flow([1000] * 6, src=SRC, dst=DST)
+    a = flow([1000] * 6, src=DST, dst=SRC)
     rig.from_peer(*a)
     assert rig.pump.udp_to_tun(4) == 4
     fa = [forwarded(p) for p in a]

@@ -1,5 +1,7 @@
 # The sans-IO core (egress/ingress/checksum/Context), table-driven over both implementations,
 # then hypothesis properties holding C and Python to identical decisions, bytes and counters.
+# Ingress here comes from a known peer under --peer-check peer-only (the inner addresses are
+# any); the source check itself, strict above all, is tests/test_trust.py's.
 from __future__ import annotations
 
 import random
@@ -67,6 +69,7 @@ DIRS = ("egress", "ingress")
 
 
 def ctx(impl: ModuleType, mtu: int = MTU, **kw) -> object:
+    kw.setdefault("peer_check", "peer-only")
     return impl.Context(LOCAL, mtu, **kw)
 
 
@@ -76,14 +79,16 @@ def routes(impl: ModuleType) -> object:
     return rt
 
 
-def run(impl, direction, pkt, cx=None, rt=None, now=NOW):
-    """(Decision, resulting pkt bytes, stats) of one packet through a fresh or given context."""
+def run(impl, direction, pkt, cx=None, rt=None, now=NOW, src=PEER[0]):
+    """(Decision, resulting pkt bytes, stats) of one packet through a fresh or given context;
+    ingress: a datagram from src (default: the peer of ROUTE)."""
     cx = ctx(impl) if cx is None else cx
+    rt = routes(impl) if rt is None else rt
     buf = bytearray(pkt)
     if direction == "egress":
-        d = impl.egress(cx, routes(impl) if rt is None else rt, buf, now)
+        d = impl.egress(cx, rt, buf, now)
     else:
-        d = impl.ingress(cx, buf, now)
+        d = impl.ingress(cx, rt, buf, src, now)
     return d, bytes(buf), cx.stats()
 
 
@@ -703,8 +708,11 @@ def make_routes(impl):
     return rt
 
 
+# Datagram sources: the four peers of make_routes, and strangers.
+PEER_IPS = [ip("198.18.200.1"), ip("198.18.200.2"), ip("198.18.200.3"), ip("198.18.200.4")]
+SOURCES = st.sampled_from([*PEER_IPS, ip("198.18.200.5"), 0, ip(SRC)])
 STEPS = st.lists(
-    st.tuples(st.sampled_from(DIRS), any_packets(), st.integers(0, SEC // 100)),
+    st.tuples(st.sampled_from(DIRS), any_packets(), st.integers(0, SEC // 100), SOURCES),
     min_size=1,
     max_size=12,
 )
@@ -713,6 +721,10 @@ CONTEXTS = st.fixed_dictionaries(
         "mtu": st.sampled_from([68, 100, 576, 1500, 65535]),
         "icmp_rate": st.sampled_from([0, 3, 1000]),
         "icmp_burst": st.integers(0, 3),
+        "peer_check": st.sampled_from(["strict", "strict", "peer-only", "off"]),
+        "subnet": st.sampled_from(
+            [None, (ip("198.19.1.0"), 24), (ip("198.18.0.0"), 15), (ip("198.19.0.0"), 16), (0, 0)]
+        ),
     }
 )
 
@@ -724,10 +736,11 @@ def test_c_and_python_agree(py_impl, c_impl, kw, steps):
     cxs = [ctx(m, **kw) for m in impls]
     rts = [make_routes(m) for m in impls]
     now = NOW
-    for direction, pkt, dt in steps:
+    for direction, pkt, dt, src in steps:
         now += dt
         py, c = (
-            run(m, direction, pkt, cx, rt, now) for m, cx, rt in zip(impls, cxs, rts, strict=True)
+            run(m, direction, pkt, cx, rt, now, src)
+            for m, cx, rt in zip(impls, cxs, rts, strict=True)
         )
         assert c[0] == py[0], (direction, pkt.hex())
         assert type(c[0].verdict) is int and type(c[0].length) is int
@@ -736,13 +749,25 @@ def test_c_and_python_agree(py_impl, c_impl, kw, steps):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(kw=CONTEXTS, direction=st.sampled_from(DIRS), pkt=any_packets())
-def test_decision_invariants(impl, kw, direction, pkt):
+@given(kw=CONTEXTS, direction=st.sampled_from(DIRS), pkt=any_packets(), src=SOURCES)
+def test_decision_invariants(impl, kw, direction, pkt, src):
     cx = ctx(impl, **kw)
-    d, after, stats = run(impl, direction, pkt, cx, make_routes(impl))
+    rt = make_routes(impl)
+    d, after, stats = run(impl, direction, pkt, cx, rt, src=src)
     flat = nonzero(stats)
+    check = kw["peer_check"] if direction == "ingress" else "off"
+    if check != "off" and rt.peer(src) is None:
+        assert d == (impl.DROP, len(pkt), None, None), "a stranger's datagram is not looked at"
+        assert flat == {"ingress.drops.unknown_peer": 1}
+        return
     if d.verdict == impl.FORWARD:
         assert flat == {}
+        if check == "strict":
+            assert rt.from_peer(src, field(pkt, "src")), "inner source in the sender's subnet"
+            net, plen = cx.subnet
+            mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
+            dst = field(pkt, "dst")
+            assert dst & mask == net or dst == LOCAL, "inner destination this node's"
         assert d.reply is None and (d.hop is None) == (direction == "ingress")
         assert header_ok(after), "a forwarded packet has a valid header checksum"
         assert after[8] == pkt[8] - 1, "...and a TTL one less"
@@ -756,6 +781,8 @@ def test_decision_invariants(impl, kw, direction, pkt):
         assert len(drops) == 1 and flat[drops[0]] == 1
         assert drops[0].startswith(direction)
         if d.verdict == impl.REPLY:
+            if direction == "ingress":
+                assert "ingress.drops.ttl_exceeded" in flat, "only TTL is answered on ingress"
             assert d.reply is not None and 28 < len(d.reply) <= impl.REPLY_MAX
             assert header_ok(d.reply) and cksum(d.reply[20:]) == 0
             assert d.reply[12:16] == LOCAL.to_bytes(4, "big") and d.reply[16:20] == pkt[12:16]

@@ -52,7 +52,7 @@ class Rig:
 
     def __init__(self, c: ModuleType, mtu: int = MTU, vnet: bool = False) -> None:
         self.ffi, self.lib = c.ffi, c.lib
-        self.cx = c.Context(LOCAL, mtu)
+        self.cx = c.Context(LOCAL, mtu, peer_check="peer-only")  # from the peer, inner any
         self.cx._cx.vnet = int(vnet)
         self.tun_end, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -92,7 +92,12 @@ class Rig:
     def udp_to_tun(self, b: Any, budget: int) -> int:
         return int(
             self.lib.fp_udp_to_tun(
-                self.cx._cx, b, self.sock.fileno(), self.tun_end.fileno(), budget
+                self.cx._cx,
+                self.routes._rt,
+                b,
+                self.sock.fileno(),
+                self.tun_end.fileno(),
+                budget,
             )
         )
 

@@ -205,3 +205,104 @@ def test_10k_routes_c_and_python_agree(py_impl, c_impl):
         seen.add((net, plen))
     assert len(rts[0]) == len(rts[1]) == 0
     assert rts[1].lookup(ip("198.18.1.1")) is None
+
+
+# --- the peer-address table: public IP -> the subnets of the routes naming it ---------------
+
+
+def test_peer_table_follows_set_and_delete(impl):
+    rt = impl.Routes()
+    a, b = A[0], B[0]
+    assert rt.peer(a) is None and rt.from_peer(a, ip("198.19.1.1")) is None
+    assert rt.peer_count() == 0
+    rt.set(ip("198.19.1.0"), 24, *A)
+    assert rt.peer(a) == [(ip("198.19.1.0"), 24)] and rt.peer_count() == 1
+    assert rt.from_peer(a, ip("198.19.1.0")) is True
+    assert rt.from_peer(a, ip("198.19.1.255")) is True
+    assert rt.from_peer(a, ip("198.19.2.0")) is False
+    # a second lease behind the same address (a lease move, or two leases on one host)
+    rt.set(ip("198.19.2.0"), 24, a, 9999)
+    assert rt.peer(a) == [(ip("198.19.1.0"), 24), (ip("198.19.2.0"), 24)]
+    assert rt.peer_count() == 1, "the port plays no part"
+    assert rt.from_peer(a, ip("198.19.2.7")) is True
+    # the lease's PublicIP changes: the subnet moves to the new address, the old one is gone
+    assert rt.set(ip("198.19.1.0"), 24, *B) is True
+    assert rt.peer(a) == [(ip("198.19.2.0"), 24)] and rt.peer(b) == [(ip("198.19.1.0"), 24)]
+    assert rt.from_peer(a, ip("198.19.1.7")) is False
+    assert rt.from_peer(b, ip("198.19.1.7")) is True
+    # replacing the port only changes nothing here
+    rt.set(ip("198.19.1.0"), 24, b, 1)
+    assert rt.peer(b) == [(ip("198.19.1.0"), 24)] and rt.peer_count() == 2
+    rt.delete(ip("198.19.2.0"), 24)
+    assert rt.peer(a) is None and rt.from_peer(a, ip("198.19.2.7")) is None
+    rt.delete(ip("198.19.1.0"), 24)
+    assert rt.peer(b) is None and rt.peer_count() == 0
+
+
+def test_peer_with_many_subnets(impl):
+    """More subnets behind one address than a peer slot holds inline."""
+    rt = impl.Routes()
+    nets = [ip(f"198.19.{i}.0") for i in range(40)]
+    for n in nets:
+        rt.set(n, 24, *A)
+    assert rt.peer(A[0]) == [(n, 24) for n in nets]
+    assert all(rt.from_peer(A[0], n + 5) for n in nets)
+    for n in nets[::2]:
+        rt.delete(n, 24)
+    assert rt.peer(A[0]) == [(n, 24) for n in nets[1::2]]
+    assert not any(rt.from_peer(A[0], n + 5) for n in nets[::2])
+    for n in nets[1::2]:
+        rt.delete(n, 24)
+    assert rt.peer(A[0]) is None and rt.peer_count() == 0
+
+
+def test_peer_table_10k_peers_c_and_python_agree(py_impl, c_impl):
+    """10,000 peers, each a /28 (some with two, some moving address), set, moved and deleted
+    at random through both tables; every peer query answers alike."""
+    rng = random.Random(8285)
+    rts = [py_impl.Routes(), c_impl.Routes()]
+    peers = [ip("198.18.0.0") + i for i in range(1, 12_001)]
+    live: dict[int, int] = {}  # net -> peer ip
+    nets = [ip("198.18.0.0") + (i << 4) for i in range(12_000)]  # /28s
+
+    def apply(op: str, net: int, peer: int = 0) -> None:
+        for rt in rts:
+            if op == "set":
+                rt.set(net, 28, peer, 8285)
+            else:
+                rt.delete(net, 28)
+
+    for i, net in enumerate(nets[:10_000]):
+        live[net] = peers[i]
+        apply("set", net, peers[i])
+    assert rts[0].peer_count() == rts[1].peer_count() == 10_000
+    for _ in range(6_000):
+        r = rng.random()
+        if r < 0.3 and live:  # delete
+            net = rng.choice(list(live))
+            del live[net]
+            apply("del", net)
+        elif r < 0.6:  # a lease's PublicIP changes (or a new lease)
+            net, peer = rng.choice(nets), rng.choice(peers)
+            live[net] = peer
+            apply("set", net, peer)
+        else:  # a second lease behind an existing peer
+            net, peer = rng.choice(nets), rng.choice(list(live.values()) or peers)
+            live[net] = peer
+            apply("set", net, peer)
+    want: dict[int, list[tuple[int, int]]] = {}
+    for net, peer in live.items():
+        want.setdefault(peer, []).append((net, 28))
+    assert rts[0].peer_count() == rts[1].peer_count() == len(want)
+    for peer in [*peers, 0, 0xFFFFFFFF]:
+        expected = sorted(want[peer]) if peer in want else None
+        assert rts[0].peer(peer) == rts[1].peer(peer) == expected, hex(peer)
+    for _ in range(20_000):
+        peer = rng.choice(peers)
+        addr = rng.choice(nets) | rng.getrandbits(4)
+        got = rts[1].from_peer(peer, addr)
+        assert got == rts[0].from_peer(peer, addr), (hex(peer), hex(addr))
+        assert got == (None if peer not in want else live.get(addr & ~0xF) == peer)
+    for net in list(live):
+        apply("del", net)
+    assert rts[0].peer_count() == rts[1].peer_count() == 0

@@ -171,6 +171,19 @@ def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "batches: fewer small packets per second); 0: normal (default)",
     )
     g.add_argument(
+        "--peer-check",
+        default="strict",
+        choices=("strict", "peer-only", "off"),
+        help="which UDP datagrams may write into the TUN: strict (default) - sent from a "
+        "peer's public IP, inner source in that peer's subnet, inner destination in this "
+        "node's; peer-only - sent from a peer's public IP, inner addresses unchecked (a node "
+        "that routes outside traffic into the overlay without --ip-masq); off - anything "
+        "from anywhere, flannel's behaviour: RISK: any host that reaches UDP port 8285 can "
+        "inject packets into the pod network and get replies. A peer whose datagrams arrive "
+        "from another address than its lease's PublicIP (NAT) is refused by both checks: it "
+        "needs off",
+    )
+    g.add_argument(
         "--tun-name",
         default="flannel%d",
         help="TUN device name (default: flannel%%d, the kernel picks the number, as flanneld)",
@@ -325,6 +338,7 @@ def _run(args: argparse.Namespace) -> int:
         driver=args.driver,
         queues=parse_queues(args.queues),
         rt_priority=args.rt_priority,
+        peer_check=args.peer_check,
         ip_masq=args.ip_masq,
         ip_masq_fully_random_disable=args.ip_masq_fully_random_disable,
         forward_rules=args.iptables_forward_rules,

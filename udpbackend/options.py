@@ -25,6 +25,7 @@ class RunOptions:
     driver: str = "python"  # static mode: "c" runs the pumps from fp_run's C loop instead
     queues: int = 1  # TUN queues / UDP sockets / threads (IFF_MULTI_QUEUE + SO_REUSEPORT)
     rt_priority: int = 0  # > 0: the queue threads run SCHED_RR at this priority
+    peer_check: str = "strict"  # --peer-check: strict, peer-only or off (flannel: off)
     ip_masq: bool = False
     ip_masq_fully_random_disable: bool = False  # plain MASQUERADE, not --random-fully
     forward_rules: bool = True

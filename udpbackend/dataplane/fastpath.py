@@ -13,7 +13,7 @@ import socket
 from typing import Any
 
 from ._fastpath import ffi, lib
-from .packet import DROP_REASONS, SYSCALL_KINDS, Decision
+from .packet import DROP_REASONS, PEER_CHECKS, SYSCALL_KINDS, Decision, check_subnet
 
 FORWARD = lib.FP_FORWARD
 REPLY = lib.FP_REPLY
@@ -35,6 +35,7 @@ __all__ = [
     "DROP",
     "DROP_REASONS",
     "FORWARD",
+    "PEER_CHECKS",
     "REPLY",
     "SYSCALL_KINDS",
     "Context",
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 assert len(DROP_REASONS) == lib.FP_DROP_REASONS and len(SYSCALL_KINDS) == lib.FP_SYS_KINDS
+assert PEER_CHECKS.index("strict") == lib.FP_PEER_CHECK_STRICT
+assert PEER_CHECKS.index("peer-only") == lib.FP_PEER_CHECK_PEER_ONLY
 
 
 def _oserror(rc: int) -> OSError:
@@ -106,6 +109,33 @@ class Routes:
     def __len__(self) -> int:
         return int(lib.fp_routes_count(self._rt))
 
+    def peer(self, peer_ip: int) -> list[tuple[int, int]] | None:
+        """The subnets (net, prefix_len) of the routes naming peer_ip, sorted; None when it is
+        no route's next hop (the peer-address table the ingress source check reads)."""
+        if not 0 <= peer_ip <= 0xFFFFFFFF:
+            raise ValueError("address out of range")
+        n = 4
+        while True:
+            nets, plens = ffi.new("uint32_t[]", n), ffi.new("uint32_t[]", n)
+            rc = lib.fp_routes_peer_subnets(self._rt, peer_ip, nets, plens, n)
+            if rc < 0:
+                return None
+            if rc <= n:
+                return sorted((nets[i], plens[i]) for i in range(rc))
+            n = rc
+
+    def from_peer(self, peer_ip: int, addr: int) -> bool | None:
+        """None when peer_ip is no route's next hop, else whether addr lies in one of the
+        subnets of the routes naming it (fp_routes_peer)."""
+        if not 0 <= peer_ip <= 0xFFFFFFFF or not 0 <= addr <= 0xFFFFFFFF:
+            raise ValueError("address out of range")
+        rc = lib.fp_routes_peer(self._rt, peer_ip, addr)
+        return None if rc < 0 else rc == 1
+
+    def peer_count(self) -> int:
+        """Distinct public IPs in the peer-address table."""
+        return int(lib.fp_routes_peer_count(self._rt))
+
 
 def _dir_stats(d: Any) -> dict[str, Any]:
     return {
@@ -120,7 +150,10 @@ def _dir_stats(d: Any) -> dict[str, Any]:
 
 
 class Context:
-    """Forwarding context (C): configuration, ICMP token bucket and counters."""
+    """Forwarding context (C): configuration, ICMP token bucket and counters.
+
+    subnet: this node's subnet (net, prefix_len), where ingress may deliver under the strict
+    peer check; None: local_ip alone.  peer_check: one of PEER_CHECKS (see packet.Context)."""
 
     def __init__(
         self,
@@ -129,14 +162,29 @@ class Context:
         per_packet: bool = False,
         icmp_rate: int = 1000,
         icmp_burst: int = 100,
+        subnet: tuple[int, int] | None = None,
+        peer_check: str = "strict",
     ) -> None:
+        net, plen = check_subnet(local_ip, subnet, peer_check)
         self._cx = ffi.new("fp_ctx *")
-        rc = lib.fp_ctx_init(self._cx, local_ip, mtu, int(per_packet), icmp_rate, icmp_burst)
+        rc = lib.fp_ctx_init(
+            self._cx,
+            local_ip,
+            mtu,
+            int(per_packet),
+            icmp_rate,
+            icmp_burst,
+            net,
+            plen,
+            PEER_CHECKS.index(peer_check),
+        )
         if rc < 0:
             raise ValueError(f"mtu {mtu} outside 68..65535")
         self.local_ip = local_ip
         self.mtu = mtu
         self.per_packet = per_packet
+        self.subnet = (net, plen)
+        self.peer_check = peer_check
 
     def stats(self) -> dict[str, Any]:
         s = self._cx.stats
@@ -159,34 +207,35 @@ def checksum(data: bytes | bytearray | memoryview) -> int:
     return int(lib.fp_checksum(ffi.from_buffer(data), len(data)))
 
 
-def _decide(
-    fn: Any, args: tuple[Any, ...], pkt: bytearray, with_hop: bool, now_ns: int
-) -> Decision:
+def egress(cx: Context, routes: Routes, pkt: bytearray, now_ns: int) -> Decision:
+    """Decide one packet read from the TUN; modifies ``pkt`` in place (TTL, checksum)."""
     buf = ffi.from_buffer(pkt, require_writable=True)
     length = ffi.new("uint32_t *", len(pkt))
     reply = ffi.new("uint8_t[]", REPLY_MAX)
     reply_len = ffi.new("uint32_t *", 0)
-    if with_hop:
-        hop = ffi.new("fp_hop *")
-        v = fn(*args, buf, length, now_ns, hop, reply, reply_len)
-    else:
-        v = fn(*args, buf, length, now_ns, reply, reply_len)
+    hop = ffi.new("fp_hop *")
+    v = lib.fp_egress(cx._cx, routes._rt, buf, length, now_ns, hop, reply, reply_len)
     return Decision(
         v,
         length[0],
-        (hop.ip, hop.port) if with_hop and v == FORWARD else None,
+        (hop.ip, hop.port) if v == FORWARD else None,
         bytes(ffi.buffer(reply, reply_len[0])) if v == REPLY else None,
     )
 
 
-def egress(cx: Context, routes: Routes, pkt: bytearray, now_ns: int) -> Decision:
-    """Decide one packet read from the TUN; modifies ``pkt`` in place (TTL, checksum)."""
-    return _decide(lib.fp_egress, (cx._cx, routes._rt), pkt, True, now_ns)
-
-
-def ingress(cx: Context, pkt: bytearray, now_ns: int) -> Decision:
-    """Decide one packet received over UDP; modifies ``pkt`` in place (TTL, checksum)."""
-    return _decide(lib.fp_ingress, (cx._cx,), pkt, False, now_ns)
+def ingress(cx: Context, routes: Routes, pkt: bytearray, src_ip: int, now_ns: int) -> Decision:
+    """Decide one packet received over UDP from src_ip (the datagram's source address, checked
+    against the routes' peers); modifies ``pkt`` in place (TTL, checksum)."""
+    if not 0 <= src_ip <= 0xFFFFFFFF:
+        raise ValueError("src_ip out of range")
+    buf = ffi.from_buffer(pkt, require_writable=True)
+    length = ffi.new("uint32_t *", len(pkt))
+    reply = ffi.new("uint8_t[]", REPLY_MAX)
+    reply_len = ffi.new("uint32_t *", 0)
+    v = lib.fp_ingress(cx._cx, routes._rt, buf, length, src_ip, now_ns, reply, reply_len)
+    return Decision(
+        v, length[0], None, bytes(ffi.buffer(reply, reply_len[0])) if v == REPLY else None
+    )
 
 
 def gso_split(buf: bytes | bytearray, mtu: int, max_segs: int = 1024) -> list[bytes]:
@@ -371,7 +420,9 @@ class Pump:
         datagrams taken. With UDP GRO a receive is taken whole, so the return may pass the
         budget: at most budget + (K - 1) * min(budget, batch), K the datagrams one receive
         holds (64 from the wire, up to 128 from a local sender on Linux >= 6.11; fastpath.h)."""
-        rc = lib.fp_udp_to_tun(self.cx._cx, self._ingress_batch, self._udp_fd, self.tun_fd, budget)
+        rc = lib.fp_udp_to_tun(
+            self.cx._cx, self.routes._rt, self._ingress_batch, self._udp_fd, self.tun_fd, budget
+        )
         if rc < 0:
             raise _oserror(rc)
         return int(rc)

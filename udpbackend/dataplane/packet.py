@@ -23,6 +23,7 @@ __all__ = [
     "ICMP_TTL",
     "MAX_BATCH",
     "MAX_SLOT",
+    "PEER_CHECKS",
     "REPLY",
     "REPLY_MAX",
     "SYSCALL_KINDS",
@@ -31,6 +32,7 @@ __all__ = [
     "Decision",
     "Pump",
     "Routes",
+    "check_subnet",
     "checksum",
     "egress",
     "gro_coalesce",
@@ -51,7 +53,15 @@ DROP_REASONS = (
     "no_route",
     "tx_error",
     "bad_offload",
+    "unknown_peer",
+    "spoofed_source",
+    "not_local",
 )
+# The ingress source check (--peer-check), index = FP_PEER_CHECK_*: off is flannel's behaviour
+# (any datagram from anywhere is written into the TUN); peer-only: the datagram's source
+# address must be a route's next hop; strict: and the inner source inside that peer's
+# subnet(s), the inner destination inside this node's subnet (or the TUN address).
+PEER_CHECKS = ("off", "peer-only", "strict")
 SYSCALL_KINDS = ("read", "write", "sendmmsg", "recvmmsg", "sendto", "recvfrom", "poll")
 HIST_BUCKETS = 8
 MAX_BATCH = 64
@@ -81,7 +91,11 @@ VNET_GSO_ECN = 0x80
     _NO_ROUTE,
     _TX_ERROR,
     _BAD_OFFLOAD,
+    _UNKNOWN_PEER,
+    _SPOOFED_SOURCE,
+    _NOT_LOCAL,
 ) = range(len(DROP_REASONS))
+_CHECK_OFF, _CHECK_PEER_ONLY, _CHECK_STRICT = range(len(PEER_CHECKS))
 _SYS_READ, _SYS_WRITE, _SYS_SENDMMSG, _SYS_RECVMMSG, _SYS_SENDTO, _SYS_RECVFROM, _SYS_POLL = range(
     len(SYSCALL_KINDS)
 )
@@ -90,7 +104,9 @@ _NS = 1_000_000_000
 _MULTICAST = 0xE0000000  # 224.0.0.0: sources and destinations from here up get no ICMP error
 _ICMP_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))  # RFC 792/1122: never answer an error
 _ICMP_DEST_UNREACH = 3
+_ICMP_FRAG_NEEDED = 4  # the code of dest-unreachable "fragmentation needed and DF set"
 _ICMP_TIME_EXCEEDED = 11
+_IP_DF = 0x4000
 _SEND_WAIT_MS = 5  # how long a full socket may stay full before the packet is dropped
 
 
@@ -121,17 +137,31 @@ def _check_net(net: int, prefix_len: int) -> None:
         raise ValueError(f"host bits set in net {net:#010x}/{prefix_len}")
 
 
+def check_subnet(local_ip: int, subnet: tuple[int, int] | None, peer_check: str) -> tuple[int, int]:
+    """A Context's subnet and peer check, validated: (net, prefix_len), local_ip/32 for None."""
+    if peer_check not in PEER_CHECKS:
+        raise ValueError(f"peer_check must be one of {', '.join(PEER_CHECKS)}, not {peer_check!r}")
+    if subnet is None:
+        subnet = (local_ip, 32)
+    net, plen = subnet
+    _check_net(net, plen)
+    return net, plen
+
+
 class Routes:
-    """Longest-prefix match of IPv4 destinations (host-order ints) to (peer_ip, peer_port).
+    """Longest-prefix match of IPv4 destinations (host-order ints) to (peer_ip, peer_port),
+    and beside it the peer-address table: each public IP that is some route's next hop, with
+    the subnets of the routes naming it (what the ingress source check reads).
 
     One dict per prefix length in use, so a lookup costs one probe per length in use (one in a
-    flannel network), whatever the number of routes.
+    flannel network), whatever the number of routes; one dict probe for a peer.
     """
 
     def __init__(self) -> None:
         self._tables: dict[int, dict[int, tuple[int, int]]] = {}
         self._lengths: list[int] = []  # prefix lengths in use, longest first
         self._count = 0
+        self._peers: dict[int, dict[tuple[int, int], int]] = {}  # ip -> {(net, plen): mask}
 
     def set(self, net: int, prefix_len: int, peer_ip: int, peer_port: int) -> bool:
         """Add or replace net/prefix_len; True if it replaced an existing route."""
@@ -144,11 +174,21 @@ class Routes:
         if table is None:
             table = self._tables[prefix_len] = {}
             self._lengths = sorted(self._tables, reverse=True)
-        replaced = net in table
+        old = table.get(net)
         table[net] = (peer_ip, peer_port)
-        if not replaced:
+        if old is None:
             self._count += 1
-        return replaced
+        if old is None or old[0] != peer_ip:
+            if old is not None:
+                self._peer_remove(old[0], net, prefix_len)
+            self._peers.setdefault(peer_ip, {})[(net, prefix_len)] = _mask(prefix_len)
+        return old is not None
+
+    def _peer_remove(self, peer_ip: int, net: int, prefix_len: int) -> None:
+        subs = self._peers[peer_ip]
+        del subs[(net, prefix_len)]
+        if not subs:
+            del self._peers[peer_ip]
 
     def delete(self, net: int, prefix_len: int) -> None:
         """Remove net/prefix_len; KeyError if there is no such route."""
@@ -156,7 +196,7 @@ class Routes:
         table = self._tables.get(prefix_len)
         if table is None or net not in table:
             raise KeyError((net, prefix_len))
-        del table[net]
+        self._peer_remove(table.pop(net)[0], net, prefix_len)
         self._count -= 1
         if not table:
             del self._tables[prefix_len]
@@ -172,6 +212,24 @@ class Routes:
 
     def __len__(self) -> int:
         return self._count
+
+    def peer(self, peer_ip: int) -> list[tuple[int, int]] | None:
+        """The subnets (net, prefix_len) of the routes naming peer_ip, sorted; None when it is
+        no route's next hop."""
+        subs = self._peers.get(peer_ip)
+        return None if subs is None else sorted(subs)
+
+    def from_peer(self, peer_ip: int, addr: int) -> bool | None:
+        """None when peer_ip is no route's next hop, else whether addr lies in one of the
+        subnets of the routes naming it (fp_routes_peer)."""
+        subs = self._peers.get(peer_ip)
+        if subs is None:
+            return None
+        return any(addr & mask == net for (net, _), mask in subs.items())
+
+    def peer_count(self) -> int:
+        """Distinct public IPs in the peer-address table."""
+        return len(self._peers)
 
 
 class _DirStats:
@@ -211,7 +269,12 @@ class _DirStats:
 
 
 class Context:
-    """Forwarding context: configuration, the ICMP token bucket and the counters (fp_ctx)."""
+    """Forwarding context: configuration, the ICMP token bucket and the counters (fp_ctx).
+
+    subnet: this node's subnet (net, prefix_len): under the strict peer check, ingress writes
+    only packets for it (or for local_ip) into the TUN; None: local_ip alone.  peer_check: one
+    of PEER_CHECKS, the ingress source check (default strict).
+    """
 
     def __init__(
         self,
@@ -220,6 +283,8 @@ class Context:
         per_packet: bool = False,
         icmp_rate: int = 1000,
         icmp_burst: int = 100,
+        subnet: tuple[int, int] | None = None,
+        peer_check: str = "strict",
     ) -> None:
         if not 68 <= mtu <= 65535:
             raise ValueError(f"mtu must be 68..65535, not {mtu}")
@@ -228,7 +293,12 @@ class Context:
                 raise ValueError(f"{name} must be a uint32, not {value}")
         if not 0 <= icmp_burst <= 0xFFFFFFFF:
             raise ValueError(f"icmp_burst must be a uint32, not {icmp_burst}")
+        net, plen = check_subnet(local_ip, subnet, peer_check)
         self.local_ip = local_ip
+        self.subnet = (net, plen)
+        self.local_net, self.local_mask = net, _mask(plen)
+        self.peer_check = peer_check
+        self._check = PEER_CHECKS.index(peer_check)
         self.mtu = mtu
         self.per_packet = bool(per_packet)
         self.icmp_rate = icmp_rate
@@ -293,7 +363,8 @@ def checksum(data: bytes | bytearray | memoryview) -> int:
 
 
 def _validate(cx: Context, st: _DirStats, pkt: bytearray, n: int) -> tuple[int, int]:
-    """(-1, length) after counting a drop, else (ihl, total length)."""
+    """(-1, length) after counting a drop (-2 when it was oversize), else (ihl, total
+    length)."""
     if n < 20:
         st.drops[_TOO_SHORT] += 1
         return -1, n
@@ -313,7 +384,7 @@ def _validate(cx: Context, st: _DirStats, pkt: bytearray, n: int) -> tuple[int, 
         return -1, n
     if tot > cx.mtu:
         st.drops[_OVERSIZE] += 1
-        return -1, tot
+        return -2, tot
     if checksum(memoryview(pkt)[:ihl]) != 0:
         st.drops[_BAD_CHECKSUM] += 1
         return -1, tot
@@ -321,9 +392,10 @@ def _validate(cx: Context, st: _DirStats, pkt: bytearray, n: int) -> tuple[int, 
 
 
 def _icmp_error(
-    cx: Context, pkt: bytearray, ihl: int, length: int, icmp_type: int, now_ns: int
+    cx: Context, pkt: bytearray, ihl: int, length: int, icmp_type: int, now_ns: int, code: int = 0
 ) -> bytes | None:
-    """The ICMP error (RFC 792) answering pkt[:length], or None when none may be sent."""
+    """The ICMP error (RFC 792) answering pkt[:length], or None when none may be sent; 3/4
+    (fragmentation needed) carries cx.mtu as the next-hop MTU (RFC 1191)."""
     if pkt[9] == 1 and (ihl + 1 > length or pkt[ihl] in _ICMP_ERROR_TYPES):
         return None  # never answer an ICMP error (or an ICMP header cut short)
     if ((pkt[6] << 8) | pkt[7]) & 0x1FFF:
@@ -336,7 +408,8 @@ def _icmp_error(
         cx.icmp_ratelimited += 1
         return None
     quote = bytes(pkt[: min(length, ihl + 8)])
-    icmp = bytearray(struct.pack(">BBHI", icmp_type, 0, 0, 0) + quote)
+    next_mtu = cx.mtu if (icmp_type, code) == (_ICMP_DEST_UNREACH, _ICMP_FRAG_NEEDED) else 0
+    icmp = bytearray(struct.pack(">BBHHH", icmp_type, code, 0, 0, next_mtu) + quote)
     struct.pack_into(">H", icmp, 2, checksum(icmp))
     hdr = bytearray(
         struct.pack(
@@ -374,23 +447,60 @@ def _decrement_ttl(pkt: bytearray) -> None:
     pkt[11] = hc & 0xFF
 
 
+def _too_big(cx: Context, pkt: bytearray, length: int, now_ns: int) -> bytes | None:
+    """Fragmentation needed for an egress packet over the mtu (fp_egress_too_big): only with
+    DF set and a header whose checksum verifies."""
+    ihl = (pkt[0] & 15) * 4
+    if not (pkt[6] << 8) & _IP_DF or checksum(memoryview(pkt)[:ihl]) != 0:
+        return None
+    return _icmp_error(cx, pkt, ihl, length, _ICMP_DEST_UNREACH, now_ns, _ICMP_FRAG_NEEDED)
+
+
+def _source_check(cx: Context, routes: Routes, pkt: bytearray, src_ip: int | None) -> int:
+    """fp_ingress's source check: step 0 (pkt None: the outer address alone) or step 1b; a
+    drop reason, or -1."""
+    if cx._check == _CHECK_OFF or src_ip is None:
+        return -1
+    if routes._peers.get(src_ip) is None:
+        return _UNKNOWN_PEER
+    if cx._check != _CHECK_STRICT or not pkt:
+        return -1
+    if not routes.from_peer(src_ip, int.from_bytes(pkt[12:16], "big")):
+        return _SPOOFED_SOURCE
+    dst = int.from_bytes(pkt[16:20], "big")
+    if dst & cx.local_mask != cx.local_net and dst != cx.local_ip:
+        return _NOT_LOCAL
+    return -1
+
+
 def _decide(
     cx: Context,
     st: _DirStats,
-    routes: Routes | None,
+    routes: Routes,
     pkt: bytearray,
     n: int,
     now_ns: int,
+    src_ip: int | None = None,
 ) -> Decision:
+    """egress when src_ip is None, else ingress of a datagram from src_ip."""
+    ingress = src_ip is not None
+    if ingress and _source_check(cx, routes, bytearray(), src_ip) >= 0:
+        st.drops[_UNKNOWN_PEER] += 1
+        return Decision(DROP, n, None, None)
     ihl, length = _validate(cx, st, pkt, n)
     if ihl < 0:
+        # -2: oversize (the header's lengths are sound): an egress DF packet gets 3/4
+        reply = _too_big(cx, pkt, length, now_ns) if ihl == -2 and not ingress else None
+        return Decision(DROP if reply is None else REPLY, length, None, reply)
+    if ingress and (why := _source_check(cx, routes, pkt, src_ip)) >= 0:
+        st.drops[why] += 1
         return Decision(DROP, length, None, None)
     if pkt[8] <= 1:
         st.drops[_TTL_EXCEEDED] += 1
         reply = _icmp_error(cx, pkt, ihl, length, _ICMP_TIME_EXCEEDED, now_ns)
         return Decision(DROP if reply is None else REPLY, length, None, reply)
     hop = None
-    if routes is not None:
+    if not ingress:
         found = routes.lookup(int.from_bytes(pkt[16:20], "big"))
         if found is None:
             st.drops[_NO_ROUTE] += 1
@@ -406,9 +516,13 @@ def egress(cx: Context, routes: Routes, pkt: bytearray, now_ns: int) -> Decision
     return _decide(cx, cx.egress, routes, pkt, len(pkt), now_ns)
 
 
-def ingress(cx: Context, pkt: bytearray, now_ns: int) -> Decision:
-    """Decide one packet received over UDP (fp_ingress); TTL and checksum change in place."""
-    return _decide(cx, cx.ingress, None, pkt, len(pkt), now_ns)
+def ingress(cx: Context, routes: Routes, pkt: bytearray, src_ip: int, now_ns: int) -> Decision:
+    """Decide one packet received over UDP from src_ip, the datagram's source address
+    (fp_ingress): the source check against the routes' peers first; TTL and checksum change in
+    place."""
+    if not 0 <= src_ip <= 0xFFFFFFFF:
+        raise ValueError("src_ip out of range")
+    return _decide(cx, cx.ingress, routes, pkt, len(pkt), now_ns, src_ip)
 
 
 # --- TUN offloads: the twins of fp_gso_split / fp_gro_coalesce (csrc/offload.c) --------------
@@ -774,7 +888,8 @@ class Pump:
             st.rx_bytes += n
             st.batch(1)
             pkt = buf[:n]
-            d = _decide(cx, st, None, pkt, n, monotonic_ns())
+            src_ip = int.from_bytes(socket.inet_aton(src[0]), "big")
+            d = _decide(cx, st, self.routes, pkt, n, monotonic_ns(), src_ip)
             if d.verdict == FORWARD:
                 if self._write_tun(st, memoryview(pkt)[: d.length]):
                     st.tx_packets += 1

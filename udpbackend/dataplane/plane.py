@@ -45,17 +45,21 @@ def make_pump(
     batch: int,
     offload: bool,
     vnet: bool = False,
+    subnet: tuple[int, int] | None = None,
+    peer_check: str = "strict",
 ) -> Any:
     """The data plane for ``mode``, with an empty route table: C batched, C per-packet, or
-    the pure-Python twin."""
+    the pure-Python twin.  ``subnet`` (net, prefix_len) is this node's, ``peer_check`` the
+    ingress source check (packet.PEER_CHECKS)."""
+    kw: dict[str, Any] = {"subnet": subnet, "peer_check": peer_check}
     if mode == "python":
-        cx: Any = packet.Context(local_ip, mtu, per_packet=True)
+        cx: Any = packet.Context(local_ip, mtu, per_packet=True, **kw)
         routes: Any = packet.Routes()
         pump_cls: Any = packet.Pump
     else:
         from . import fastpath
 
-        cx = fastpath.Context(local_ip, mtu, per_packet=mode == "per-packet")
+        cx = fastpath.Context(local_ip, mtu, per_packet=mode == "per-packet", **kw)
         routes = fastpath.Routes()
         pump_cls = fastpath.Pump
     if mode == "batched":
@@ -100,7 +104,9 @@ class DataPlane:
     The route table is ``self.routes`` (subnet -> peer public IP), written on the control
     plane's thread through set_route/delete_route only; each queue keeps its own copy in its
     pump, changed on its own thread (QueueThread.call) - so C never reads a table being
-    written."""
+    written.  The same calls keep each copy's peer-address table (public IP -> its subnets),
+    which the ingress source check (--peer-check) reads: a lease whose PublicIP changes is
+    set_route with the new address, and from then on only the new one is accepted."""
 
     def __init__(
         self,
@@ -148,6 +154,8 @@ class DataPlane:
                 packet.MAX_BATCH,
                 opts.offload,
                 vnet=self.tun.vnet,
+                subnet=(int(self.subnet.network_address), self.subnet.prefixlen),
+                peer_check=opts.peer_check,
             )
             self.queues.append(
                 QueueThread(
