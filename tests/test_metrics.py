@@ -15,7 +15,7 @@ from packets import ip, ipv4_icmp_echo
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from udpbackend.dataplane import packet
+from udpbackend.dataplane import packet, plane
 from udpbackend.node import metrics
 
 TUN_IP = ip("198.19.1.0")
@@ -134,6 +134,41 @@ def test_render_follows_prometheus_conventions(ctx_cls: Any) -> None:
         (("direction", "egress"), ("queue", "1")): 49.0,
         (("direction", "ingress"), ("queue", "1")): 30.0,
     }
+
+
+@pytest.mark.parametrize("ctx_cls", _contexts(), ids=lambda c: c.__module__.split(".")[-1])
+def test_source_check_drops_reach_metrics(ctx_cls: Any) -> None:
+    """The drop reasons of the ingress source check (unknown_peer, spoofed_source, not_local)
+    flow from a real Context's counters, summed over queues as the daemon does, into /metrics."""
+    if ctx_cls is packet.Context:
+        routes, ingress = packet.Routes(), packet.ingress
+    else:
+        from udpbackend.dataplane import fastpath
+
+        routes, ingress = fastpath.Routes(), fastpath.ingress
+    peer = ip("198.18.0.2")
+    routes.set(ip("198.19.2.0"), 24, peer, 8285)
+    queues = []
+    for _ in range(2):
+        cx = ctx_cls(TUN_IP, 1472, subnet=(TUN_IP, 24))
+        for outer, src, dst in (
+            (ip("198.18.0.66"), "198.19.2.5", "198.19.1.5"),  # a stranger
+            (peer, "198.18.50.50", "198.19.1.5"),  # a source outside the peer's subnet
+            (peer, "198.18.50.50", "198.19.1.5"),
+            (peer, "198.19.2.5", "198.19.3.5"),  # not for this node
+            (peer, "198.19.2.5", "198.19.1.5"),  # fine
+        ):
+            ingress(cx, routes, bytearray(ipv4_icmp_echo(src, dst)), outer, 1_000_000_000)
+        queues.append(cx.stats())
+    doc = {"mode": "batched", "routes": 1, "stats": plane.sum_stats(queues)}
+    drops = samples(families(metrics.render(doc, {})), "udpbackend_dropped_packets_total")
+    ingress_drops = {
+        dict(k)["reason"]: v for k, v in drops.items() if ("direction", "ingress") in k
+    }
+    assert ingress_drops["unknown_peer"] == 2.0
+    assert ingress_drops["spoofed_source"] == 4.0
+    assert ingress_drops["not_local"] == 2.0
+    assert set(ingress_drops) == set(packet.DROP_REASONS)
 
 
 def test_batch_histogram_is_cumulative_with_power_of_two_bounds() -> None:
