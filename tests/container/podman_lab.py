@@ -330,6 +330,10 @@ def build_image() -> Built:
     with _cache_lock(), tempfile.TemporaryDirectory(prefix="udpbackend-image-") as tmp:
         work = Path(tmp)
         podman = Podman(work)
+        r = podman("images", "--quiet", check=False)
+        if r.returncode != 0 and "database configuration mismatch" in r.stderr:
+            # made with another run root (an older version of this file): the cache is ours
+            shutil.rmtree(podman.storage)
         timings: dict[str, float] = {}
         base = _base_image(podman, work, timings)
         base_id = podman.image_id(base)

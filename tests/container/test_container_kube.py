@@ -264,6 +264,10 @@ def test_daemonset_container_in_kube_mode_pings_a_process_node(
             assert alive() is None
 
             _check_what_the_container_did(podman, name, api, tmp_path / "c1", docs)
+            pid = podman.container_state(name)["Pid"]
+            rss = next(li for li in Path(f"/proc/{pid}/status").read_text().splitlines()
+                       if li.startswith("VmRSS:"))  # fmt: skip
+            SUMMARY.append(f"container node {rss.split(':')[1].strip()} resident (requests: 100Mi)")
 
             t1 = time.monotonic()
             podman("stop", "--time", "20", name, timeout=60)  # SIGTERM, as a pod deletion
