@@ -1,14 +1,18 @@
-"""A real single-member etcd server as a process: EtcdProcess (and its TLS files, EtcdTls).
+"""A real etcd server as a process: EtcdProcess (and its TLS files, EtcdTls), and a real
+multi-member etcd made of such processes: EtcdCluster.
 
 Lives here: starting etcd with fast-election flags and waiting until it is healthy, stop, kill,
-pause and restart by PID (for outage tests), and etcdctl against it; where it runs (the
-caller's namespace or a Cluster's hub) is injected. Stdlib only. Must not: know namespaces or
-daemons (cluster.HubEtcd places it in the hub), or leave its process or temp dir behind.
+pause and restart by PID (for outage tests), and etcdctl against it; for a multi-member cluster
+also its --initial-cluster, its leader (``etcdctl endpoint status``) and etcdctl against the
+members still running. Where it runs (the caller's namespace or a Cluster's hub) is injected.
+Stdlib only. Must not: know namespaces or daemons (cluster.HubEtcd places it in the hub), or
+leave its process or temp dir behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -19,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from .errors import TestbedError, log_tail
 
@@ -94,6 +98,7 @@ class EtcdProcess:
         forget: Callable[[subprocess.Popen[bytes]], None] | None = None,
     ) -> None:
         self._spawn = spawn
+        self._free_port = free_port
         self._connect = connect
         self._run = run
         self._forget = forget
@@ -111,6 +116,11 @@ class EtcdProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.user: str | None = None
         self.starts = 0
+        # Set by EtcdCluster for a member of a multi-member cluster (None: single member).
+        self.initial_cluster: str | None = None  # "name=peer-url,name=peer-url,..."
+        self.cluster_token: str | None = None
+        self.heartbeat_ms = 10
+        self.election_ms = 100
 
     # -- addresses --
 
@@ -123,6 +133,10 @@ class EtcdProcess:
         return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
@@ -132,7 +146,7 @@ class EtcdProcess:
     # -- lifecycle --
 
     def argv(self) -> list[str]:
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = self.peer_url
         argv = [
             ETCD,
             "--name", self.name,
@@ -141,12 +155,14 @@ class EtcdProcess:
             "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self.name}={peer}",
-            "--heartbeat-interval", "10",
-            "--election-timeout", "100",
+            "--initial-cluster", self.initial_cluster or f"{self.name}={peer}",
+            "--heartbeat-interval", str(self.heartbeat_ms),
+            "--election-timeout", str(self.election_ms),
             "--log-level", "error",
             "--logger", "zap",
         ]  # fmt: skip
+        if self.cluster_token:
+            argv += ["--initial-cluster-token", self.cluster_token]
         if self.tls:
             argv += ["--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key)]
             if self.tls.client_cert:
@@ -157,16 +173,28 @@ class EtcdProcess:
         """Start (or start again, same ports and data) and wait until it serves requests."""
         if self.running():
             return self
-        self.data_dir.mkdir(mode=0o700, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = self._spawn(self.argv(), stdout=log, stderr=subprocess.STDOUT)
-        self.starts += 1
+        self.launch()
         try:
             self._wait_ready(timeout)
         except BaseException:
             self.kill()
             raise
         return self
+
+    def launch(self) -> None:
+        """Spawn the server without waiting for it (a member of a cluster that is not formed
+        yet cannot answer a health check alone); wait_ready() then waits."""
+        if self.running():
+            return
+        self.data_dir.mkdir(mode=0o700, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = self._spawn(self.argv(), stdout=log, stderr=subprocess.STDOUT)
+        self.starts += 1
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        """Wait until the launched server serves a health check (EtcdNotReady if it does not
+        in time, TestbedError if it exited)."""
+        self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -252,11 +280,13 @@ class EtcdProcess:
         dial_timeout: str = "2s",
         command_timeout: str = "5s",
         input: bytes | None = None,
+        endpoints: Sequence[str] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
-        """`etcdctl <args>` (API v3) against this server, run where the server lives."""
+        """`etcdctl <args>` (API v3) against this server (or ``endpoints``, e.g. the members
+        of its cluster), run where the server lives."""
         argv = [
             ETCDCTL,
-            f"--endpoints={self.endpoint}",
+            f"--endpoints={','.join(endpoints) if endpoints else self.endpoint}",
             f"--dial-timeout={dial_timeout}",
             f"--command-timeout={command_timeout}",
         ]
@@ -276,3 +306,187 @@ class EtcdProcess:
             err = res.stderr.decode(errors="replace")
             raise TestbedError(f"etcdctl {' '.join(args)} -> {res.returncode}: {err}")
         return res.stdout.decode(errors="replace")
+
+
+class EtcdCluster:
+    """A real multi-member etcd (plain http): EtcdProcess members bound by --initial-cluster.
+
+    Each member has its own client and peer port (made distinct here) and data dir; they are
+    launched together and then waited for (a member alone cannot answer a health check before
+    a quorum exists). ``endpoint`` is flanneld's comma-separated --etcd-endpoints value.
+    Members are killed and restarted one by one through the EtcdProcess API (``member.kill()``,
+    ``member.restart()``); :meth:`leader` asks ``etcdctl endpoint status`` which one leads.
+    etcdctl runs where the members live (member 0's ``run``) against the running members.
+    ``cleanup()`` kills every member and removes their temp dirs.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[EtcdProcess],
+        token: str = "udpbackend-lab",
+        heartbeat_ms: int = 10,
+        election_ms: int = 100,
+    ) -> None:
+        if len(members) < 2:
+            raise ValueError("an EtcdCluster needs two members or more (EtcdProcess is one)")
+        if len({m.name for m in members}) != len(members):
+            raise ValueError("member names must be distinct")
+        if any(m.tls for m in members):
+            raise ValueError("EtcdCluster members are plain http")
+        self.members = list(members)
+        self._distinct_ports()
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for m in self.members:
+            m.initial_cluster = initial
+            m.cluster_token = token
+            m.heartbeat_ms = heartbeat_ms
+            m.election_ms = election_ms
+
+    def _distinct_ports(self) -> None:
+        """Each member's free ports were picked alone: re-pick any that another one took."""
+        taken: set[tuple[str, int]] = set()
+        for m in self.members:
+            for attr, host in (("client_port", m.host), ("peer_port", "127.0.0.1")):
+                port = getattr(m, attr)
+                tries = 0
+                while (host, port) in taken or ("0.0.0.0", port) in taken:
+                    tries += 1
+                    if tries > 50:
+                        raise TestbedError("no distinct free ports for the etcd members")
+                    port = m._free_port(host)
+                setattr(m, attr, port)
+                taken.add((host, port))
+                taken.add(("0.0.0.0", port))  # one port per number: simplest, never ambiguous
+
+    # -- addresses --
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every member's client URL, in member order."""
+        return [m.endpoint for m in self.members]
+
+    @property
+    def endpoint(self) -> str:
+        """flanneld's --etcd-endpoints value: every member, comma-separated."""
+        return ",".join(self.endpoints)
+
+    def running_members(self) -> list[EtcdProcess]:
+        return [m for m in self.members if m.running()]
+
+    def member(self, endpoint: str) -> EtcdProcess:
+        for m in self.members:
+            if m.endpoint == endpoint:
+                return m
+        raise TestbedError(f"no member serves {endpoint}")
+
+    # -- lifecycle --
+
+    def start(self, timeout: float = 20.0) -> Self:
+        """Launch every member that is not running, then wait until each serves requests."""
+        try:
+            for m in self.members:
+                m.launch()
+            deadline = time.monotonic() + timeout
+            for m in self.members:
+                m.wait_ready(max(0.5, deadline - time.monotonic()))
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL every member (the whole cluster down at once)."""
+        for m in self.members:
+            m.kill()
+
+    def cleanup(self) -> None:
+        """Kill every member and remove the temp dirs.  Safe to call twice."""
+        for m in self.members:
+            m.cleanup()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    def log_tail(self, n: int = 10) -> str:
+        return "\n".join(f"--- {m.name} ---\n{m.log_tail(n)}" for m in self.members)
+
+    # -- clients --
+
+    def etcdctl_run(
+        self,
+        args: Sequence[str],
+        timeout: float = 20.0,
+        dial_timeout: str = "2s",
+        command_timeout: str = "5s",
+        input: bytes | None = None,
+        endpoints: Sequence[str] | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """`etcdctl <args>` against ``endpoints`` (default: every running member)."""
+        running = self.running_members()
+        eps = list(endpoints) if endpoints else [m.endpoint for m in running]
+        if not eps:
+            raise TestbedError("no etcd member is running")
+        via = running[0] if running else self.members[0]
+        return via.etcdctl_run(
+            args,
+            timeout=timeout,
+            dial_timeout=dial_timeout,
+            command_timeout=command_timeout,
+            input=input,
+            endpoints=eps,
+        )
+
+    def etcdctl(self, *args: str, input: bytes | None = None, check: bool = True) -> str:
+        """Run `etcdctl <args>` against the running members; stdout as text."""
+        res = self.etcdctl_run(list(args), input=input)
+        if check and res.returncode != 0:
+            err = res.stderr.decode(errors="replace")
+            raise TestbedError(f"etcdctl {' '.join(args)} -> {res.returncode}: {err}")
+        return res.stdout.decode(errors="replace")
+
+    def status(self) -> list[dict[str, Any]]:
+        """``etcdctl endpoint status -w json`` of every running member: one dict each with
+        "endpoint", "member_id", "leader" (the member id it follows), "raft_term", "revision",
+        "is_leader" and the "raw" JSON."""
+        eps = [m.endpoint for m in self.running_members()]
+        res = self.etcdctl_run(["endpoint", "status", "-w", "json"], endpoints=eps)
+        if res.returncode != 0:
+            err = res.stderr.decode(errors="replace")
+            raise TestbedError(f"etcdctl endpoint status -> {res.returncode}: {err}")
+        out = []
+        for item in json.loads(res.stdout or b"[]"):
+            st = item.get("Status", {})
+            header = st.get("header", {})
+            member_id = int(header.get("member_id", 0))
+            leader = int(st.get("leader", 0))
+            out.append(
+                {
+                    "endpoint": item.get("Endpoint", ""),
+                    "member_id": member_id,
+                    "leader": leader,
+                    "raft_term": int(st.get("raftTerm", header.get("raft_term", 0))),
+                    "revision": int(header.get("revision", 0)),
+                    "is_leader": member_id != 0 and member_id == leader,
+                    "raw": item,
+                }
+            )
+        return out
+
+    def leader(self, timeout: float = 5.0) -> EtcdProcess:
+        """The member that leads right now (by ``endpoint status``: its member id is the leader
+        every running member reports); waits out an election in progress."""
+        deadline = time.monotonic() + timeout
+        last: list[dict[str, Any]] = []
+        while True:
+            with contextlib.suppress(TestbedError, json.JSONDecodeError):
+                last = self.status()
+                leaders = {s["leader"] for s in last}
+                lead = [s for s in last if s["is_leader"]]
+                if len(leaders) == 1 and len(lead) == 1:
+                    return self.member(lead[0]["endpoint"])
+            if time.monotonic() > deadline:
+                raise TestbedError(f"no single etcd leader within {timeout}s: {last}")
+            time.sleep(0.05)
