@@ -1,7 +1,8 @@
 """Cluster: a hub namespace (bridge + a real etcd) and N node namespaces, daemons in etcd mode.
 
-Lives here: building the hub and its nodes, the cluster's etcd (HubEtcd) and flannel's keys in
-it (config, leases), starting `python -m udpbackend run --etcd-endpoints ...` per node, waiting
+Lives here: building the hub and its nodes, the cluster's etcd (HubEtcd, or with
+``etcd_members=3`` a real 3-member HubEtcdCluster in the hub) and flannel's keys in it (config,
+leases), starting `python -m udpbackend run --etcd-endpoints ...` per node, waiting
 for /readyz and for every node to route to every other, and traffic between nodes. Must not:
 import the planes (daemons are subprocesses); addresses are in lab/addressing.py.
 
@@ -9,6 +10,9 @@ import the planes (daemons are subprocesses); addresses are in lab/addressing.py
       |-- vh-n0 <-> veth-n0 198.18.0.1/24  netns n0   flannel0 <lease network addr>/32
       |-- vh-n1 <-> veth-n1 198.18.0.2/24  netns n1   ...
       `-- vh-nI <-> veth-nI 198.18.0.(I+1)/24
+
+    etcd_members=3: members hub0..hub2 in the hub, each 198.18.0.254:<own client port> with its
+    own peer port on the hub's 127.0.0.1; daemons get all three in --etcd-endpoints.
 
 Typical use::
 
@@ -46,7 +50,7 @@ from .addressing import (
 )
 from .daemons import READY_MARKER, EtcdNode
 from .errors import DaemonError, TestbedError
-from .etcdproc import EtcdProcess, etcd_missing_binaries
+from .etcdproc import EtcdCluster, EtcdProcess, etcd_missing_binaries
 from .netns import NetnsLab, missing_requirements, next_tag
 from .pods import Pod, add_pod, del_pod
 from .tools import IperfResult, PingResult
@@ -82,12 +86,12 @@ class HubEtcd(EtcdProcess):
     from inside the hub; the temp dir is removed by the cluster's close().
     """
 
-    def __init__(self, cluster: Cluster, host: str = HUB_ADDR) -> None:
+    def __init__(self, cluster: Cluster, host: str = HUB_ADDR, name: str = "hub") -> None:
         self.cluster = cluster
         super().__init__(
             functools.partial(cluster.spawn, HUB),
             host=host,
-            name="hub",
+            name=name,
             free_port=functools.partial(cluster.free_port, HUB),
             connect=functools.partial(cluster.connect, HUB),
             run=functools.partial(cluster.run, HUB),
@@ -126,6 +130,36 @@ class HubEtcd(EtcdProcess):
         return n
 
 
+class HubEtcdCluster(EtcdCluster):
+    """A real multi-member etcd in the hub netns: HubEtcd members hub0, hub1, ... on the hub
+    address, each with its own client port (and peer port on the hub's 127.0.0.1).
+
+    ``members`` are HubEtcd (kill one with ``member.kill()``, bring it back with
+    ``member.restart()``); etcdctl runs in the hub against the running members.
+    """
+
+    members: list[HubEtcd]  # type: ignore[assignment]  # narrowed: the hub's own members
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        size: int = 3,
+        host: str = HUB_ADDR,
+        heartbeat_ms: int = 20,
+        election_ms: int = 200,
+    ) -> None:
+        # 20/200 ms rather than the single member's 10/100: three members and the daemons
+        # share a small machine, and a member starved for 100 ms would start an election.
+        self.cluster = cluster
+        members = [HubEtcd(cluster, host=host, name=f"hub{k}") for k in range(size)]
+        super().__init__(
+            members,
+            token=f"udpbackend-{cluster.ns_name(HUB)}",
+            heartbeat_ms=heartbeat_ms,
+            election_ms=election_ms,
+        )
+
+
 class Cluster(NetnsLab):
     """A hub netns (bridge br0 198.18.0.254/24 + a real etcd) and N node namespaces.
 
@@ -135,6 +169,10 @@ class Cluster(NetnsLab):
     :meth:`start_etcd_node`; their TUN address is their lease subnet's network address.
     ``close()`` ends every daemon and etcd by PID and deletes all namespaces and temp dirs.
     Methods taking a node accept its index (int) or netns key ("hub", "n0", ...).
+
+    ``etcd_members`` > 1: a real multi-member etcd in the hub (``etcd_cluster``, a
+    HubEtcdCluster); ``etcd`` is then its first member, while ``etcd_endpoint``, ``etcdctl`` and
+    the daemons' --etcd-endpoints use every member.
     """
 
     def __init__(
@@ -146,9 +184,13 @@ class Cluster(NetnsLab):
         start_etcd: bool = True,
         disable_ipv6: bool = True,
         etcd_prefix: str = ETCD_PREFIX,
+        etcd_members: int = 1,
     ) -> None:
         if not 0 <= nodes <= MAX_CLUSTER_NODES:
             raise ValueError(f"nodes must be 0..{MAX_CLUSTER_NODES}")
+        if etcd_members < 1:
+            raise ValueError("etcd_members must be 1 or more")
+        self.etcd_cluster: HubEtcdCluster | None = None
         self.underlay_mtu = underlay_mtu
         self.etcd_prefix = etcd_prefix.rstrip("/") or "/"
         self.nodes: dict[int, EtcdNode] = {}  # the latest daemon started per node index
@@ -161,9 +203,15 @@ class Cluster(NetnsLab):
             self._build_hub()
             for i in range(nodes):
                 self.add_node(i)
-            self.etcd = HubEtcd(self)
-            if start_etcd:
-                self.etcd.start()
+            if etcd_members == 1:
+                self.etcd = HubEtcd(self)
+                if start_etcd:
+                    self.etcd.start()
+            else:
+                self.etcd_cluster = HubEtcdCluster(self, etcd_members)
+                self.etcd = self.etcd_cluster.members[0]
+                if start_etcd:
+                    self.etcd_cluster.start()
         except BaseException:
             self.close()
             raise
@@ -245,10 +293,16 @@ class Cluster(NetnsLab):
 
     @property
     def etcd_endpoint(self) -> str:
+        """The daemons' --etcd-endpoints value (every member of a multi-member etcd)."""
+        if self.etcd_cluster is not None:
+            return self.etcd_cluster.endpoint
         return self.etcd.endpoint
 
     def etcdctl(self, *args: str, input: bytes | None = None, check: bool = True) -> str:
-        """`etcdctl <args>` in the hub against the cluster's etcd; stdout as text."""
+        """`etcdctl <args>` in the hub against the cluster's etcd (its running members);
+        stdout as text."""
+        if self.etcd_cluster is not None:
+            return self.etcd_cluster.etcdctl(*args, input=input, check=check)
         return self.etcd.etcdctl(*args, input=input, check=check)
 
     def put_config(
@@ -303,11 +357,14 @@ class Cluster(NetnsLab):
         timeout: float = 30.0,
         healthz_port: int = HEALTHZ_PORT,
         endpoints_via_env: bool = False,
+        etcd_endpoints: str | None = None,
     ) -> EtcdNode:
         """Start ``python -m udpbackend run --etcd-endpoints ...`` in node i (created if new).
 
         env: extra environment on top of ours (inherited FLANNELD_* variables are dropped).
         endpoints_via_env: pass the endpoint as FLANNELD_ETCD_ENDPOINTS instead of the flag.
+        etcd_endpoints: this node's endpoint list (default: etcd_endpoint), e.g. the members
+        of a multi-member etcd in another order.
         wait_ready: wait until /readyz answers 200 (or, with healthz_port=0, the ready log line
         and flannel0 up). Raises DaemonError with the log tail if it dies or times out.
         """
@@ -320,12 +377,13 @@ class Cluster(NetnsLab):
         tag = f"n{i}-{next_tag()}"
         stats_path = self.node_dir(i) / f"stats-{tag}.json"
         subnet_file = self.subnet_file(i)
+        endpoints = etcd_endpoints or self.etcd_endpoint
         argv = self.etcd_daemon_argv(
-            i, mode, stats_path, healthz_port, endpoints_via_env, extra_args
+            i, mode, stats_path, healthz_port, endpoints_via_env, extra_args, endpoints=endpoints
         )
         penv = {k: v for k, v in os.environ.items() if not k.startswith("FLANNELD_")}
         if endpoints_via_env:
-            penv["FLANNELD_ETCD_ENDPOINTS"] = self.etcd.endpoint
+            penv["FLANNELD_ETCD_ENDPOINTS"] = endpoints
         penv.update(env or {})
         spawned_at = time.time()
         proc, log_path = self._spawn_daemon(i, argv, tag, penv)
@@ -345,11 +403,13 @@ class Cluster(NetnsLab):
         healthz_port: int,
         endpoints_via_env: bool,
         extra_args: Sequence[str],
+        *,
+        endpoints: str | None = None,
     ) -> list[str]:
         """The `python -m udpbackend run --etcd-endpoints ...` command line for node i."""
         argv = [sys.executable, "-m", "udpbackend", "run"]
         if not endpoints_via_env:
-            argv += ["--etcd-endpoints", self.etcd.endpoint]
+            argv += ["--etcd-endpoints", endpoints or self.etcd_endpoint]
         argv += ["--iface", self.veth(i), "--subnet-file", str(self.subnet_file(i))]
         argv += ["--mode", mode, "--stats-file", str(stats_path)]
         if healthz_port:
