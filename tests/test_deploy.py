@@ -21,7 +21,7 @@ import pytest
 import yaml
 from kube_apiserver import KubeApiServer
 
-from udpbackend import __version__
+from udpbackend import __version__, cli
 from udpbackend.cli import _parser, apply_env, go_style, known_env_vars
 from udpbackend.control.kube import KubeManager, kube_config
 from udpbackend.control.network import parse_network_config
@@ -105,6 +105,10 @@ def test_systemd_unit_runs_the_daemon_with_the_sysconfig_file():
     exec_start = next(li for li in unit.splitlines() if li.startswith("ExecStart="))
     assert exec_start.split("=", 1)[1].split()[1] == "run"
     assert "UDPBACKEND_OPTIONS" in _sysconfig()
+    assert "Type=notify" in unit.splitlines()  # the node sends READY=1 (node/notify.py)
+    post = next(li for li in unit.splitlines() if li.startswith("ExecStartPost="))
+    args = cli._parser()[0].parse_args(post.split("=", 1)[1].split()[1:])
+    assert args.command == "docker-opts" and args.key == "DOCKER_NETWORK_OPTIONS"
 
 
 # ---------------------------------------------------------------------------------------------

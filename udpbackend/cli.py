@@ -480,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s.%(msecs)03d udpbackend: %(message)s",
         datefmt="%Y-%m-%dT%H:%M:%S",
     )
+    if not getattr(args, "verbose", 0):
+        # lightkube's HTTP client logs every API request at INFO: only with -v
+        for name in ("httpx", "httpx2", "httpcore", "httpcore2"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     try:
         if args.command == "run":

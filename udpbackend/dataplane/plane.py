@@ -210,7 +210,8 @@ class DataPlane:
 
     @property
     def tun_name(self) -> str:
-        return self.tun.name if self.tun else self.opts.tun_name
+        """The device's name ("" before setup created it)."""
+        return self.tun.name if self.tun else ""
 
     def describe(self) -> str:
         assert self.tun

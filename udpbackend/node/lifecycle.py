@@ -398,4 +398,5 @@ class Node:
         self.parts.notify("STOPPING=1")
         if self.plane:
             self.plane.teardown()
-            log.info("stopping: %s removed", self.plane.tun_name)
+            name = self.plane.tun_name
+            log.info("stopping: %s", f"{name} removed" if name else "nothing was forwarding yet")
