@@ -271,8 +271,8 @@ def _group_title(where: str, src: Pod, dst: Pod) -> str:
         return f"the hub: bridged by {BRIDGE_NAME}, as a switch between the nodes would"
     if where == src.node:
         return (
-            f"node {where}: up through the bridge to its kernel, routed into {TUN_NAME}; "
-            f"the daemon sends it to the peer"
+            f"node {where}: through {CNI_BRIDGE} to its kernel, routed into {TUN_NAME}; "
+            f"the daemon sends it to {dst.node}"
         )
     return f"node {where}: the daemon writes it into {TUN_NAME}; routed out to {CNI_BRIDGE}"
 
@@ -281,7 +281,7 @@ def _show_trace(src: Pod, dst: Pod, hops: list[Hop], say: Say) -> None:
     say(f"one ping {src.key} {src.ip} -> {dst.key} {dst.ip}, seen on every interface of its path")
     say(
         f"  (AF_PACKET captures in the {len({h.where for h in hops})} namespaces it crosses, "
-        "decoded with scapy as `udpbackend trace` does):"
+        "decoded as `udpbackend trace` does):"
     )
     if not hops:
         say("  (not seen)")
