@@ -5,9 +5,12 @@
 # we watch A's flannel0, x's link and B's link.  Lives here: what an attacker on the underlay
 # can and cannot do to a node under --peer-check strict.  Must not: reach into the daemons
 # other than their stats files; touch anything outside the namespaces the testbed made.
+# UDPBACKEND_AB=1 also runs the A/B throughput of the check with 10,000 peers installed.
 from __future__ import annotations
 
+import os
 import socket
+import statistics
 import struct
 import threading
 import time
@@ -262,3 +265,44 @@ def test_forged_peer_address_with_consistent_inner_needs_the_underlay(attacked: 
     finally:
         raw.close()
     assert ingress_drops(a)["spoofed_source"] == 0
+
+
+def peers_file(path: Any, n: int = 10_000) -> Any:
+    """n peers, each a /30 of 198.19.16.0/20.. behind its own (unreachable) public IP."""
+    lines = []
+    for i in range(n):
+        net = (198 << 24 | 19 << 16 | 16 << 8) + 4 * i
+        sub = socket.inet_ntoa(net.to_bytes(4, "big"))
+        pub = socket.inet_ntoa(((198 << 24 | 18 << 16 | 64 << 8) + i).to_bytes(4, "big"))
+        lines.append(f"{sub}/30={pub}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.skipif(
+    not os.environ.get("UDPBACKEND_AB"),
+    reason="an A/B throughput measurement: UDPBACKEND_AB=1 to run it",
+)
+def test_ab_check_costs_nothing_with_10k_peers(testbed_factory: Any, tmp_path: Any) -> None:
+    """iperf3 A -> B through batched daemons with 10,000 peers installed, --peer-check strict
+    and off alternating (UDPBACKEND_AB_RUNS runs of UDPBACKEND_AB_SECONDS each): the medians
+    within 5 %."""
+    runs = int(os.environ.get("UDPBACKEND_AB_RUNS", "5"))
+    secs = int(os.environ.get("UDPBACKEND_AB_SECONDS", "4"))
+    tb = testbed_factory()
+    peers = peers_file(tmp_path / "peers")
+    got: dict[str, list[float]] = {"strict": [], "off": []}
+    for _ in range(runs):
+        for check in ("strict", "off"):
+            args = ["--peer-check", check]
+            a = tb.start_node("a", "batched", extra_args=args, peers_file=peers)
+            b = tb.start_node("b", "batched", extra_args=args, peers_file=peers)
+            try:
+                assert a.stats()["routes"] == 10_001
+                got[check].append(tb.iperf3("a", B_TUN, seconds=secs).gbps)
+            finally:
+                a.stop()
+                b.stop()
+    med = {k: statistics.median(v) for k, v in got.items()}
+    print(f"\nA/B iperf3 Gbit/s, 10,001 routes: {got} medians {med}")
+    assert med["strict"] >= 0.95 * med["off"], med

@@ -456,6 +456,25 @@ def _too_big(cx: Context, pkt: bytearray, length: int, now_ns: int) -> bytes | N
     return _icmp_error(cx, pkt, ihl, length, _ICMP_DEST_UNREACH, now_ns, _ICMP_FRAG_NEEDED)
 
 
+# The ingress source check against flannel's flows (--peer-check strict; tests/test_trust.py):
+#   accepted - pod -> pod (source: a pod of the peer's subnet); the peer's host (the kernel's
+#     source for "NET dev flannel0", a route without src, is flannel0's address: the peer's
+#     subnet network address); whatever --ip-masq rewrites on the peer ("! -s NET -d NET
+#     MASQUERADE", and kube-proxy's masquerade of marked traffic, both to that address; pod
+#     sources are kept by the RETURN rules); ICMP errors made by the peer's kernel or daemon
+#     (from a pod or the peer's flannel0 address); destinations: any address of this node's
+#     subnet (broadcast included) or the TUN address.
+#   refused - a datagram from an address that is no route's next hop (unknown_peer: also a
+#     peer behind NAT, whose datagrams do not come from its lease's PublicIP: it needs off);
+#     an inner source outside the sender's own subnets (spoofed_source), which also refuses an
+#     ICMP error made by a router outside the overlay and forwarded un-NATed by the peer, and
+#     outside traffic a peer routes into the overlay without --ip-masq: with --ip-masq the
+#     conntrack that de-NATs replies and their ICMP errors is on the node that masqueraded,
+#     so they never cross the overlay; a node that routes outside traffic in un-NATed needs
+#     peer-only; an inner destination outside this node's subnet (not_local): no relaying.
+#   not detectable - a datagram with a peer's address forged as its source and a packet that
+#     peer could have sent: flannel's wire format has no authentication; reverse-path
+#     filtering or an underlay that drops spoofed sources must stop it.
 def _source_check(cx: Context, routes: Routes, pkt: bytearray, src_ip: int | None) -> int:
     """fp_ingress's source check: step 0 (pkt None: the outer address alone) or step 1b; a
     drop reason, or -1."""
