@@ -284,6 +284,22 @@ def test_cni_del_leaves_nothing_behind(cl: Cluster, pods: dict[str, Pod]) -> Non
     assert res.received == res.sent, res.output
 
 
+def test_failed_add_is_undone(cl: Cluster) -> None:
+    """An ADD the bridge plugin refuses (the delegate names the node's underlay veth as the
+    bridge): DEL runs as a runtime runs it, the pod's netns goes, nothing is allocated and the
+    node's links and its veth are as before."""
+    before = node_links(cl, 1)
+    namespaces = dict(cl.ns)
+    allocated = ipam_allocations(cl.cni_dir(1), "cbr0")
+    with pytest.raises(TestbedError, match="already exists but is not a bridge"):
+        cl.add_pod(1, delegate={"bridge": cl.veth(1), "hairpinMode": True})
+    assert node_links(cl, 1) == before
+    assert cl.ns == namespaces
+    assert ipam_allocations(cl.cni_dir(1), "cbr0") == allocated
+    state = cl.tun_state(1, cl.veth(1))
+    assert state is not None and state["up"] and f"{cl.underlay_addr(1)}/24" in state["addrs"]
+
+
 def test_cni_check(cl: Cluster) -> None:
     """CNI CHECK, config 1.0.0 with the ADD result as prevResult: it finds a pod whose address
     is gone. On a pod as ADD left it, the bridge plugin before 1.3.0 (Debian 12 ships 1.1.1)

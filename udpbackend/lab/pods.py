@@ -267,10 +267,19 @@ def add_pod(
     container_id = f"udpbackend{os.getpid()}x{tag}"
     pod = Pod(lab, node_key, pod_key, name, container_id, conf)
     lo = dict(LOOPBACK_CONF)
-    invoke_plugin(lab, node_key, "ADD", lo, container_id, pod.netns_path, "lo", pod_key)
-    pod.result = invoke_plugin(
-        lab, node_key, "ADD", conf, container_id, pod.netns_path, POD_IFNAME, pod_key
-    )
+    try:
+        invoke_plugin(lab, node_key, "ADD", lo, container_id, pod.netns_path, "lo", pod_key)
+        pod.result = invoke_plugin(
+            lab, node_key, "ADD", conf, container_id, pod.netns_path, POD_IFNAME, pod_key
+        )
+    except TestbedError:
+        # As a runtime does after a failed ADD: DEL (whatever ADD got done is undone), then
+        # the sandbox goes.
+        with contextlib.suppress(TestbedError):
+            del_pod(pod)
+        if not pod.deleted and pod_key in lab.ns:
+            lab.remove_netns(pod_key)
+        raise
     return pod
 
 
