@@ -240,12 +240,13 @@ int fp_ingress_outer(const fp_ctx *cx, const fp_routes *rt, uint32_t src_ip)
     return FP_DROP_UNKNOWN_PEER;
 }
 
-/* Step 1b, strict only: the inner addresses of a valid header against who sent it. */
-static int inner_check(const fp_ctx *cx, const fp_routes *rt, const uint8_t *pkt, uint32_t src_ip)
+/* Step 1b, strict only: the inner addresses of a valid header against who sent it; from is
+ * fp_routes_peer's answer for the sender and the inner source. */
+static int inner_check(const fp_ctx *cx, const uint8_t *pkt, int from)
 {
     if (cx->peer_check != FP_PEER_CHECK_STRICT)
         return -1;
-    if (fp_routes_peer(rt, src_ip, rd32(pkt + IP_OFF_SRC)) != 1)
+    if (from != 1)
         return FP_DROP_SPOOFED_SOURCE;
     uint32_t dst = rd32(pkt + IP_OFF_DST);
     if ((dst & cx->local_mask) != cx->local_net && dst != cx->local_ip)
@@ -257,12 +258,19 @@ int fp_ingress(fp_ctx *cx, const fp_routes *rt, uint8_t *pkt, uint32_t *len, uin
                uint64_t now_ns, uint8_t *reply, uint32_t *reply_len)
 {
     fp_dir_stats *st = &cx->stats.ingress;
-    int why = fp_ingress_outer(cx, rt, src_ip);
+    /* One peer-table lookup answers steps 0 and 1b: the inner source is read before the header
+     * is validated (validation changes no byte), and used only once it has been. */
+    int from = 1, why = -1;
+    if (cx->peer_check != FP_PEER_CHECK_OFF) {
+        from = fp_routes_peer(rt, src_ip, *len >= 20 ? rd32(pkt + IP_OFF_SRC) : 0);
+        if (from < 0)
+            why = FP_DROP_UNKNOWN_PEER;
+    }
     if (why < 0) {
         int v = common(cx, st, pkt, len, now_ns, reply, reply_len);
         if (v >= 0)
             return v;
-        why = inner_check(cx, rt, pkt, src_ip);
+        why = inner_check(cx, pkt, from);
     }
     if (why >= 0) {
         st->drops[why]++;
