@@ -348,6 +348,21 @@ int fp_udp_to_tun(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int udp_fd, int 
 int fp_run(fp_ctx *cx, const fp_routes *rt, fp_batch *egress, fp_batch *ingress, int tun_fd,
            int udp_fd, int stop_fd, int budget);
 
+/* One wake-up of a queue that its uvloop loop dispatched (forwarder.py): serve both directions
+ * for as long as packets keep coming, so the Python loop runs once per burst, not once per
+ * packet.  A round calls fp_udp_to_tun for udp_fd and fp_tun_to_udp for tun_fd (each with
+ * `budget`; the first round both, later rounds the fds epoll reported, and the TUN again after
+ * datagrams were written into it: a reply that lands meanwhile needs no new round of either
+ * loop), then waits in epoll_wait(ep_fd): 0 ms after a round that moved packets, else up to
+ * linger_ms.  ep_fd is the caller's own epoll set watching exactly tun_fd, udp_fd and ctl_fd
+ * (EPOLLIN, level-triggered); ctl_fd is the caller's "work for this thread" signal and is not
+ * read here.  Returns the packets moved (>= 0, saturating at INT32_MAX) once linger_ms pass
+ * without a packet or ctl_fd is readable, or -errno of a failed pump or epoll_wait.  Blocks up
+ * to linger_ms after the last packet: call it without the GIL (cffi releases it) on the
+ * queue's own thread; nothing it reads (routes, cx) may change until it has returned. */
+int fp_serve(fp_ctx *cx, const fp_routes *rt, fp_batch *egress, fp_batch *ingress, int tun_fd,
+             int udp_fd, int ep_fd, int ctl_fd, int budget, int linger_ms);
+
 /* Multi-queue ingress steering (steer.c): attach to udp_fd's SO_REUSEPORT group (nsocks
  * sockets, bound in queue order) a classic-BPF program that sends each datagram to socket
  *   ((h * 0x9E3779B1 mod 2^32) >> 16) % nsocks,  h = x ^ (x >> 16),  x = src ^ dst (^ the 32-bit port word at IHL*4 for TCP

@@ -42,7 +42,7 @@ MODULES: dict[str, frozenset[str]] = {
     "dataplane.packet": frozenset(),
     "dataplane._fastpath": frozenset(),
     "dataplane.fastpath": frozenset({"dataplane._fastpath", "dataplane.packet"}),
-    "dataplane.forwarder": frozenset({"dataplane.fastpath", "dataplane.packet"}),
+    "dataplane.forwarder": frozenset({"options", "dataplane.fastpath", "dataplane.packet"}),
     "dataplane.tun": frozenset(),
     "dataplane.sockets": frozenset({"errors", "dataplane.fastpath"}),
     "dataplane.plane": frozenset(

@@ -15,7 +15,7 @@ import sys
 from . import __version__
 from .control.static import build_config, parse_ip, parse_peer, read_peers_file
 from .errors import ConfigError, StartupError
-from .options import MODES
+from .options import DEFAULT_LINGER_MS, MODES
 
 log = logging.getLogger("udpbackend")
 
@@ -169,6 +169,15 @@ def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="run the queue threads SCHED_RR at priority N (1..99): packets no longer wait "
         "for a time slice behind busy processes (lower latency under load, but smaller "
         "batches: fewer small packets per second); 0: normal (default)",
+    )
+    g.add_argument(
+        "--linger-ms",
+        type=int,
+        default=DEFAULT_LINGER_MS,
+        metavar="MS",
+        help="after its last packet a queue keeps serving from C this long before its fds go "
+        "back to the event loop (request/response traffic then costs no Python per packet); "
+        "0: one drain of both directions per wake-up (default %(default)s)",
     )
     g.add_argument(
         "--peer-check",
@@ -338,6 +347,7 @@ def _run(args: argparse.Namespace) -> int:
         driver=args.driver,
         queues=parse_queues(args.queues),
         rt_priority=args.rt_priority,
+        linger_ms=args.linger_ms,
         peer_check=args.peer_check,
         ip_masq=args.ip_masq,
         ip_masq_fully_random_disable=args.ip_masq_fully_random_disable,
@@ -362,6 +372,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     for line in unsupported_warnings(args, dict(os.environ)):
         log.warning("%s", line)
+    if not 0 <= args.linger_ms <= MAX_LINGER_MS:
+        raise ConfigError(f"--linger-ms: {args.linger_ms} is outside 0..{MAX_LINGER_MS}")
     if not 0 <= args.rt_priority <= 99:
         raise ConfigError(f"--rt-priority: {args.rt_priority} is outside 0..99")
     static = None
@@ -451,6 +463,7 @@ def _docker_opts(args: argparse.Namespace) -> int:
 
 
 MAX_QUEUES = 64
+MAX_LINGER_MS = 10_000
 
 
 def parse_queues(text: str) -> int:

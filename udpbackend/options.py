@@ -7,7 +7,11 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-MODES = ("batched", "per-packet", "python")  # --mode: C batched, C one packet a syscall, the twin
+MODES = ("batched", "per-packet", "python")
+# How long a C pump keeps serving after its last packet before its fds go back to the event
+# loop's epoll (dataplane/forwarder.py): request/response traffic then stays in C between its
+# packets; chosen by measurement (README: Latency); 0 = one drain of both directions per wake.
+DEFAULT_LINGER_MS = 20  # --mode: C batched, C one packet a syscall, the twin
 DEFAULT_ETCD_PREFIX = "/coreos.com/network"
 
 
@@ -25,6 +29,7 @@ class RunOptions:
     driver: str = "python"  # static mode: "c" runs the pumps from fp_run's C loop instead
     queues: int = 1  # TUN queues / UDP sockets / threads (IFF_MULTI_QUEUE + SO_REUSEPORT)
     rt_priority: int = 0  # > 0: the queue threads run SCHED_RR at this priority
+    linger_ms: int = DEFAULT_LINGER_MS
     peer_check: str = "strict"  # --peer-check: strict, peer-only or off (flannel: off)
     ip_masq: bool = False
     ip_masq_fully_random_disable: bool = False  # plain MASQUERADE, not --random-fully

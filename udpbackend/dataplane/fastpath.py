@@ -427,6 +427,19 @@ class Pump:
             raise _oserror(rc)
         return int(rc)
 
+    def serve(self, ep_fd: int, ctl_fd: int, budget: int, linger_ms: int) -> int:
+        """One uvloop wake-up handed to C (fp_serve): both directions served until linger_ms
+        pass without a packet or ``ctl_fd`` (in the epoll set ``ep_fd``, with the TUN and the
+        socket) becomes readable; returns packets moved.  Blocks without the GIL."""
+        e, i = self._egress_batch, self._ingress_batch
+        rc = lib.fp_serve(
+            self.cx._cx, self.routes._rt, e, i, self.tun_fd, self._udp_fd, ep_fd, ctl_fd,
+            budget, linger_ms,
+        )  # fmt: skip
+        if rc < 0:
+            raise _oserror(rc)
+        return int(rc)
+
     def run_c_loop(self, stop_fd: int, budget: int) -> None:
         """Drive both directions from fp_run's tight C epoll loop until ``stop_fd`` becomes
         readable (the yardstick the Python driver is measured against). Blocks without the

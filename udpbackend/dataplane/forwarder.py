@@ -1,17 +1,23 @@
 """Event-loop glue of the data plane: watch the TUN fd and the UDP socket with
-``loop.add_reader`` and call the pump with a packet budget on each wake-up; one such loop per
-queue, each in a thread of its own (QueueThread).
-Knows fds and a pump, nothing of TUN set-up, routes' origin or etcd; never blocks the loop.
+``loop.add_reader`` and hand each wake-up to the pump; one such loop per queue, each in a
+thread of its own (QueueThread).  A C pump serves the whole burst in one call (fp_serve: both
+directions, then up to ``linger_ms`` more) so Python runs once per burst, not once per packet;
+a control eventfd brings it back at once when the thread has other work (a route change).
+Knows fds and a pump, nothing of TUN set-up, routes' origin or etcd.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import select
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
+
+from ..options import DEFAULT_LINGER_MS
 
 log = logging.getLogger("udpbackend")
 
@@ -28,7 +34,9 @@ class PumpLike(Protocol):
 
 class Forwarder:
     """Drives one pump from one event loop: the TUN fd and the UDP fd as level-triggered
-    readers. ``on_error`` gets an fd-level ``OSError`` (the forwarder has stopped by then)."""
+    readers. ``on_error`` gets an fd-level ``OSError`` (the forwarder has stopped by then).
+    With ``ctl_fd`` (an eventfd the queue's thread is signalled on) and a pump that has
+    ``serve`` (the C pumps), each wake-up is one fp_serve call; else one pump call per fd."""
 
     def __init__(
         self,
@@ -38,6 +46,8 @@ class Forwarder:
         udp_fd: int,
         budget: int = DEFAULT_BUDGET,
         on_error: Callable[[OSError], None] | None = None,
+        ctl_fd: int | None = None,
+        linger_ms: int = DEFAULT_LINGER_MS,
     ) -> None:
         self.loop = loop
         self.pump = pump
@@ -45,18 +55,49 @@ class Forwarder:
         self.udp_fd = udp_fd
         self.budget = budget
         self.on_error = on_error
+        self.ctl_fd = ctl_fd
+        self.linger_ms = linger_ms
         self.running = False
+        self._ep: select.epoll | None = None
 
     def start(self) -> None:
-        self.loop.add_reader(self.tun_fd, self._on_tun)
-        self.loop.add_reader(self.udp_fd, self._on_udp)
+        if self.ctl_fd is not None and hasattr(self.pump, "serve"):
+            self._ep = select.epoll()
+            for fd in (self.tun_fd, self.udp_fd, self.ctl_fd):
+                self._ep.register(fd, select.EPOLLIN)
+            self.loop.add_reader(self.tun_fd, self._on_ready)
+            self.loop.add_reader(self.udp_fd, self._on_ready)
+            self.loop.add_reader(self.ctl_fd, self._on_ctl)
+        else:
+            self.loop.add_reader(self.tun_fd, self._on_tun)
+            self.loop.add_reader(self.udp_fd, self._on_udp)
         self.running = True
 
     def stop(self) -> None:
         if self.running:
             self.loop.remove_reader(self.tun_fd)
             self.loop.remove_reader(self.udp_fd)
+            if self._ep is not None:
+                assert self.ctl_fd is not None
+                self.loop.remove_reader(self.ctl_fd)
+                self._ep.close()
+                self._ep = None
             self.running = False
+
+    def _on_ready(self) -> None:
+        assert self._ep is not None and self.ctl_fd is not None
+        try:
+            self.pump.serve(  # type: ignore[attr-defined]
+                self._ep.fileno(), self.ctl_fd, self.budget, self.linger_ms
+            )
+        except OSError as e:
+            self._fail("data plane", e)
+
+    def _on_ctl(self) -> None:
+        # The work it announced runs from the loop's queue: this only re-arms the signal.
+        assert self.ctl_fd is not None
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.ctl_fd)
 
     def _on_tun(self) -> None:
         try:
@@ -101,8 +142,10 @@ class QueueThread:
         budget: int = DEFAULT_BUDGET,
         driver: str = "python",
         rt_priority: int = 0,
+        linger_ms: int = DEFAULT_LINGER_MS,
     ) -> None:
         self.name = name
+        self.linger_ms = linger_ms
         self.pump = pump
         self.tun_fd = tun_fd
         self.udp_fd = udp_fd
@@ -113,6 +156,7 @@ class QueueThread:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self._stop_fds: tuple[int, int] | None = None
+        self._ctl_fd: int | None = None  # eventfd: brings a serving C pump back to the loop
         self._start_error: OSError | None = None
 
     def call(self, fn: Callable[..., object], *args: object) -> None:
@@ -122,8 +166,13 @@ class QueueThread:
             fn(*args)
         elif self.loop is not None:
             self.loop.call_soon_threadsafe(fn, *args)
+            self._signal()
         else:
             raise RuntimeError(f"{self.name}: the C driver is running, nothing may change")
+
+    def _signal(self) -> None:
+        if self._ctl_fd is not None:
+            os.eventfd_write(self._ctl_fd, 1)
 
     def start(self) -> None:
         """Start the thread; OSError (nothing left running) if its scheduling policy cannot be
@@ -131,6 +180,8 @@ class QueueThread:
         started = threading.Event()
         if self.driver == "c":
             self._stop_fds = os.pipe()
+        else:
+            self._ctl_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         target = self._run_python if self.driver == "python" else self._run_c
         self._start_error = None
         self.thread = threading.Thread(target=target, args=(started,), name=self.name, daemon=True)
@@ -161,10 +212,14 @@ class QueueThread:
             return
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
+            self._signal()
         elif self._stop_fds is not None:
             os.write(self._stop_fds[1], b"x")  # fp_run returns once its stop fd is readable
         self.thread.join()
         self.thread = None
+        if self._ctl_fd is not None:
+            os.close(self._ctl_fd)
+            self._ctl_fd = None
         if self._stop_fds is not None:
             for fd in self._stop_fds:
                 os.close(fd)
@@ -176,7 +231,16 @@ class QueueThread:
         if not self._set_scheduling(started):
             return
         loop = uvloop.new_event_loop()
-        fw = Forwarder(loop, self.pump, self.tun_fd, self.udp_fd, self.budget, self.on_error)
+        fw = Forwarder(
+            loop,
+            self.pump,
+            self.tun_fd,
+            self.udp_fd,
+            self.budget,
+            self.on_error,
+            ctl_fd=self._ctl_fd,
+            linger_ms=self.linger_ms,
+        )
         fw.start()
         self.loop = loop
         started.set()

@@ -166,6 +166,7 @@ class DataPlane:
                     self._on_queue_error,
                     driver=opts.driver,
                     rt_priority=opts.rt_priority,
+                    linger_ms=opts.linger_ms,
                 )
             )
         if self.tun.vnet:
