@@ -220,7 +220,7 @@ class DataPlane:
         return (
             f"{self.tun.name} {self.subnet.network_address}/32 mtu {self.mtu}, "
             f"udp {self.bind_address}:{self.port} on {self.iface_name}, mode {self.opts.mode}"
-            f"{queues}"
+            f"{queues}, peer check {self.opts.peer_check}"
         )
 
     def stats_doc(self) -> dict[str, Any]:
