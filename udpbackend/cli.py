@@ -189,8 +189,9 @@ def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "that routes outside traffic into the overlay without --ip-masq); off - anything "
         "from anywhere, flannel's behaviour: RISK: any host that reaches UDP port 8285 can "
         "inject packets into the pod network and get replies. A peer whose datagrams arrive "
-        "from another address than its lease's PublicIP (NAT) is refused by both checks: it "
-        "needs off",
+        "from another address than its lease's PublicIP (behind NAT, or run with a "
+        "--public-ip other than its interface's address) is refused by both checks: it needs "
+        "off",
     )
     g.add_argument(
         "--tun-name",
