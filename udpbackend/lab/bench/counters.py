@@ -20,7 +20,8 @@ from .figures import median
 if TYPE_CHECKING:
     from ..daemons import Node
 
-PHASES = ("tcp", "udp64")  # counter phases of a daemon rung (see measure.measure_rung)
+# counter phases of a daemon rung (see measure.measure_rung); "idle": the idle pings alone
+PHASES = ("tcp", "idle", "udp64")
 PHASE_FIELDS = (
     "packets",
     "syscalls_per_packet",
@@ -174,8 +175,10 @@ def counters_of(
     if not with_counters:
         return None
     out: dict[str, Any] = {}
-    for phase in ("tcp",):
-        out[phase] = _median_phase([c[phase] for c in with_counters if phase in c])
+    for phase in ("tcp", "idle"):
+        rows = [c[phase] for c in with_counters if phase in c]
+        if rows:
+            out[phase] = _median_phase(rows)
     if udp64 is not None:
         out["udp64"] = udp64
     return out

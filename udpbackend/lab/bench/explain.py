@@ -43,7 +43,35 @@ def explain(doc: dict[str, Any]) -> list[str]:
         prev = r
     if daemon_ladder and vx:
         out.append(_where_it_stands(daemon_ladder[-1], vx))
+    for name in ("flannel-proxy", daemon_ladder[-1]["name"] if daemon_ladder else ""):
+        r = ok_rung(doc, name) if name else None
+        if r and vx and _phase(r, "idle").get("packets"):
+            out.append(_idle_round_trip(r, vx))
     return out
+
+
+def _idle_round_trip(r: dict[str, Any], vx: dict[str, Any]) -> str:
+    """Where an idle round trip's microseconds go, from the idle pings' own counters: four
+    daemon packets per round trip (A out, B in, B out, A in)."""
+    c, f = _phase(r, "idle"), r["figures"]
+    added = _diff_us(r, vx, "rtt_idle_p50_ms")
+    cpu = c.get("daemon_cpu_us_per_packet")
+    cpu_rt = None if cpu is None else 4 * cpu
+    rest = None if added is None or cpu_rt is None else added - cpu_rt
+    return (
+        f"An idle round trip through {r['label']}: p50 {fmt(f['rtt_idle_p50_ms'], 3)} ms, "
+        f"{'n/a' if added is None else f'{added:+.0f}'} us against kernel VXLAN. Per round "
+        f"trip the two daemons spent {fmt(cpu_rt, 0)} us of CPU, in "
+        f"{fmt(_x4(c.get('wakeups_per_packet')), 1)} wake-ups and "
+        f"{fmt(_x4(c.get('syscalls_per_packet')), 1)} syscalls; the other "
+        f"{'n/a' if rest is None else f'{rest:.0f}'} us are the wait for those wake-ups "
+        f"(a sleeping queue thread scheduled onto a CPU; VXLAN answers in softirq, with none) "
+        f"and the four crossings of the TUN and the socket."
+    )
+
+
+def _x4(x: float | None) -> float | None:
+    return None if x is None else 4 * x
 
 
 def _gb(r: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """The measuring protocol of one rung, the same on every rung (performance-anchors.md §7).
 
 Per run: TCP 1 stream with a ping alongside and CPU around it, TCP 4 streams, the idle ping
-while the daemons' counters are read; then the UDP 64 B searches of all runs, one counter
+between two reads of the daemons' counters; then the UDP 64 B searches of all runs, one counter
 read, the UDP 1400 B searches. Must not: set a rung up (rungs.py) or judge the results.
 """
 
@@ -42,8 +42,8 @@ def measure_rung(
     started is run again (iperf.IperfRunner); `retries` receives a record of each.
 
     Stage 1, per run: TCP 1 stream (a ping every 10 ms alongside for the loaded RTT, CPU from
-    /proc around it), TCP 4 streams, then the idle pings while the daemons rewrite their stats
-    file (at most a second): the counters between two such reads are that run's "tcp" phase.
+    /proc around it), TCP 4 streams, then the idle pings between two fresh reads of the stats
+    files: since the run before, that run's "tcp" phase; across the pings, its "idle" phase.
     Stage 2: the UDP 64 B search of each run (warm-started from the previous run's result),
     then one counter read: the "udp64" phase. Stage 3: the UDP 1400 B searches. Grouping the
     stages keeps counter reads, each up to a second of waiting, to one per run plus one."""
@@ -88,10 +88,14 @@ def _tcp_and_rtt(
     _, run["tcp4"] = tcp_run(ip, n, s.tcp_seconds, s.zerocopy, 4, label)
 
     rep.status(f"{label}: idle ping x {s.pings_idle}" + (", counters" if nodes else ""))
+    pre = snapshot(nodes) if nodes else None  # the TCP phase ends here
     wait_idle = start_idle(tb, env.dst, s)
-    post = snapshot(nodes) if nodes else None
     run["ping_idle"] = ping_doc(wait_idle())
-    run["counters"] = {"tcp": phase_counters(snap, post)} if snap and post else None
+    post = snapshot(nodes) if nodes else None  # and this holds the idle pings alone
+    if snap and pre and post:
+        run["counters"] = {"tcp": phase_counters(snap, pre), "idle": phase_counters(pre, post)}
+    else:
+        run["counters"] = None
     rep.advance()
     return post
 

@@ -113,7 +113,7 @@ RUN: dict[str, Any] = {
         "counters": {
             "type": ["object", "null"],
             "required": ["tcp"],
-            "properties": {"tcp": _PHASE},
+            "properties": {"tcp": _PHASE, "idle": _PHASE},
         },
     },
 }
