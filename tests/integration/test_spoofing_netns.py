@@ -285,8 +285,9 @@ def peers_file(path: Any, n: int = 10_000) -> Any:
 )
 def test_ab_check_costs_nothing_with_10k_peers(testbed_factory: Any, tmp_path: Any) -> None:
     """iperf3 A -> B through batched daemons with 10,000 peers installed, --peer-check strict
-    and off alternating (UDPBACKEND_AB_RUNS runs of UDPBACKEND_AB_SECONDS each): the medians
-    within 5 %."""
+    and off alternating (UDPBACKEND_AB_RUNS runs of UDPBACKEND_AB_SECONDS each): strict over
+    off, pair by pair (on a shared machine the rate drifts more between pairs than within
+    one), at least 0.95 in the geometric mean."""
     runs = int(os.environ.get("UDPBACKEND_AB_RUNS", "5"))
     secs = int(os.environ.get("UDPBACKEND_AB_SECONDS", "4"))
     tb = testbed_factory()
@@ -304,5 +305,8 @@ def test_ab_check_costs_nothing_with_10k_peers(testbed_factory: Any, tmp_path: A
                 a.stop()
                 b.stop()
     med = {k: statistics.median(v) for k, v in got.items()}
+    ratios = [on / off for on, off in zip(got["strict"], got["off"], strict=True)]
+    gmean = statistics.geometric_mean(ratios)
     print(f"\nA/B iperf3 Gbit/s, 10,001 routes: {got} medians {med}")
-    assert med["strict"] >= 0.95 * med["off"], med
+    print(f"strict/off per pair {[round(r, 3) for r in ratios]}, geometric mean {gmean:.3f}")
+    assert gmean >= 0.95, (ratios, med)
