@@ -193,6 +193,7 @@ class Iptables:
     def missing(self, rules: list[Rule]) -> list[Rule]:
         return [r for r in rules if not self.exists(r)]
 
+
 # --- nftables mode: what iptables mode left -----------------------------------------------
 
 
