@@ -214,14 +214,16 @@ int fp_gso_split_hdrs(uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *hdrs, u
     return (int)sp.nseg;
 }
 
-/* A TCP segment that may take part in coalescing: option-less IPv4, not a fragment, data,
- * ACK set and none of SYN/FIN/RST/URG/ECE/CWR, checksum valid (merging must not hide a
- * corrupted segment behind the NEEDS_CSUM of the super-packet).  Returns the TCP header
+/* A TCP segment that may take part in coalescing: option-less IPv4, not a fragment and no
+ * IP flag but DF (a merged run carries its first segment's flags, so the reserved bit of one
+ * would be given to, or taken from, the others: Linux's inet_gro_receive does not merge
+ * either), data, ACK set and none of SYN/FIN/RST/URG/ECE/CWR, checksum valid (merging must not
+ * hide a corrupted segment behind the NEEDS_CSUM of the super-packet).  Returns the TCP header
  * length, or 0. */
 static uint32_t gro_candidate(const uint8_t *p, uint32_t len)
 {
     if (len < 40 || p[0] != 0x45 || p[IP_OFF_PROTO] != IPPROTO_TCP_
-        || (rd16(p + IP_OFF_FRAG) & 0x3fff) != 0 || rd16(p + IP_OFF_TOTLEN) != len)
+        || (rd16(p + IP_OFF_FRAG) & 0xbfff) != 0 || rd16(p + IP_OFF_TOTLEN) != len)
         return 0;
     const uint8_t *t = p + 20;
     uint32_t thl = (uint32_t)(t[12] >> 4) * 4;

@@ -78,10 +78,10 @@ static void tweak(fz_in *in, uint8_t *p, uint32_t len)
     set_ip_csum(p, len);
 }
 
-/* fastpath.h's rules for one packet to take part in a merge. */
+/* fastpath.h's rules for one packet to take part in a merge (no IP flag but DF). */
 static int candidate(const uint8_t *p, uint32_t len)
 {
-    if (len < 40 || p[0] != 0x45 || p[9] != P_TCP || (g16(p + 6) & 0x3fff) || g16(p + 2) != len)
+    if (len < 40 || p[0] != 0x45 || p[9] != P_TCP || (g16(p + 6) & 0xbfff) || g16(p + 2) != len)
         return 0;
     uint32_t thl = (uint32_t)(p[32] >> 4) * 4;
     uint8_t f = p[33];
@@ -100,6 +100,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     fz_in in = { data, size };
     uint32_t n = 0;
+    uint8_t caps = in_u8(&in);     /* room for the outputs: plenty, or tight */
+    uint16_t cut = in_u16(&in);
+    uint8_t cut2 = in_u8(&in), cut3 = in_u8(&in);
     /* the list: flow runs, other packets, raw bytes */
     while (in.n && n < MAX_PKTS) {
         uint8_t kind = in_u8(&in);
@@ -138,10 +141,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint64_t need = 0;
     for (uint32_t i = 0; i < n; i++)
         need += pl[i] + FP_VNET_HDR_LEN;
-    uint8_t caps = in_u8(&in);
     int tight = caps & 1;
-    uint32_t out_cap = tight ? (uint32_t)(need - in_u16(&in) % (need + 1)) : (uint32_t)need;
-    uint32_t max_out = tight && (caps & 2) ? in_u8(&in) % (n + 1) : n;
+    uint32_t out_cap = tight ? (uint32_t)(need - cut % (need + 1)) : (uint32_t)need;
+    uint32_t max_out = tight && (caps & 2) ? cut2 % (n + 1) : n;
     uint8_t *out = xmalloc(out_cap);
     uint32_t *out_lens = xmalloc(max_out * sizeof(uint32_t)), *out_segs = xmalloc(max_out * sizeof(uint32_t));
     int m = fp_gro_coalesce(pk, pl, n, out, out_cap, out_lens, out_segs, max_out);
@@ -151,8 +153,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     uint32_t hcap = n * FP_SPAN_HDR_MAX, nsp = 2 * n, mo2 = n;
     if (tight && (caps & 4)) {
-        hcap -= in_u16(&in) % (hcap + 1);
-        nsp -= in_u8(&in) % (nsp + 1);
+        hcap -= cut % (hcap + 1);
+        nsp -= cut3 % (nsp + 1);
     }
     uint8_t *hdrs = xmalloc(hcap);
     fp_span *spans = xmalloc(nsp * sizeof(fp_span));

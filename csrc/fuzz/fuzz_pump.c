@@ -44,7 +44,8 @@
 
 #define FRAME_MAX (FP_VNET_HDR_LEN + FP_IP_MAX_LEN)
 #define MAX_IN 96           /* inputs (frames or datagrams) per scenario */
-#define MAX_OUT 4096        /* outputs the model may predict */
+#define MAX_OUT 3000        /* no more inputs once the model predicts this many outputs (the
+                             * peer's receive buffer holds them all) */
 
 static int tun_pump = -1, tun_test = -1;    /* the fake TUN: the pump's end, the kernel's end */
 static int sock = -1, peer = -1, stranger = -1;
@@ -115,15 +116,21 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
  * The model's outputs: byte strings in order
  * ------------------------------------------------------------------------------------------ */
 typedef struct {
-    uint8_t *b[MAX_OUT];
-    uint32_t len[MAX_OUT];
-    int to_stranger[MAX_OUT]; /* ingress replies: which socket they go back to */
-    uint32_t n;
+    uint8_t **b;
+    uint32_t *len;
+    int *to_stranger;         /* ingress replies: which socket they go back to */
+    uint32_t n, cap;
 } blist;
 
 static void bl_add(blist *l, const uint8_t *p, uint32_t n, const uint8_t *prefix, uint32_t pn)
 {
-    CHECK(l->n < MAX_OUT, "more outputs than the harness holds");
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 64;
+        l->b = realloc(l->b, l->cap * sizeof(*l->b));
+        l->len = realloc(l->len, l->cap * sizeof(*l->len));
+        l->to_stranger = realloc(l->to_stranger, l->cap * sizeof(*l->to_stranger));
+        CHECK(l->b && l->len && l->to_stranger, "out of memory");
+    }
     uint8_t *c = xmalloc(pn + n);
     if (pn)
         memcpy(c, prefix, pn);
@@ -138,7 +145,10 @@ static void bl_free(blist *l)
 {
     for (uint32_t i = 0; i < l->n; i++)
         free(l->b[i]);
-    l->n = 0;
+    free(l->b);
+    free(l->len);
+    free(l->to_stranger);
+    memset(l, 0, sizeof(*l));
 }
 
 /* Everything readable on fd now, appended to l. */
@@ -530,7 +540,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint32_t nin = 0;
     uint8_t kstate = in_u8(&in);
     uint32_t want_in = 1 + kstate % 12;
-    while (nin < want_in && nin < MAX_IN) {
+    while (nin < want_in && nin < MAX_IN && M.fwd.n + M.replies.n < MAX_OUT) {
         uint8_t rep = in_u8(&in);
         uint32_t copies = rep >= 0xf0 ? 1 + in_u8(&in) % 70 : 1;
         if (s.egress) {
@@ -547,7 +557,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 f = p.buf;
                 fl = p.len;
             }
-            for (uint32_t c = 0; c < copies && nin < MAX_IN; c++, nin++) {
+            for (uint32_t c = 0; c < copies && nin < MAX_IN && M.fwd.n < MAX_OUT; c++, nin++) {
                 CHECK(send(tun_test, f, fl, 0) == (ssize_t)fl, "fake TUN refused %u bytes: %s", fl,
                       strerror(errno));
                 model_egress_frame(&tw, f, fl, &s);
@@ -650,6 +660,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             unmerge(&writes, &G.fwd);
             bl_free(&writes);
         } else {
+            bl_free(&G.fwd);
             G.fwd = writes;
         }
         compare(&G.fwd, &M.fwd, "packets into the TUN", s.vnet);

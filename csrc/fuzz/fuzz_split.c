@@ -120,10 +120,11 @@ static uint32_t pick_mtu(fz_in *in)
     return s >= 0xf0 ? 68 + in_u16(in) % (65535 - 67) : mtus[s % 10];
 }
 
-/* A TCP segment fp_gro_coalesce may merge (fastpath.h's rules for one packet). */
+/* A TCP segment fp_gro_coalesce may merge (fastpath.h's rules for one packet; no IP flag
+ * but DF). */
 static int gro_candidate(const uint8_t *p, uint32_t len)
 {
-    if (len < 40 || p[0] != 0x45 || p[9] != P_TCP || (g16(p + 6) & 0x3fff) || g16(p + 2) != len)
+    if (len < 40 || p[0] != 0x45 || p[9] != P_TCP || (g16(p + 6) & 0xbfff) || g16(p + 2) != len)
         return 0;
     uint32_t thl = (uint32_t)(p[32] >> 4) * 4;
     uint8_t f = p[33];

@@ -20,27 +20,39 @@ static uint16_t ports[NGROUPS];
 static int sender = -1;
 static uint8_t rbuf[70000];
 
+/* A UDP socket with SO_REUSEPORT, bound to 127.0.0.1:port (port > 0), or not bound (0): a
+ * reuseport socket bound to port 0 may be given the port of another group of ours and join it. */
 static int reuseport_socket(uint16_t port)
 {
     int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), one = 1;
     CHECK(fd >= 0, "socket");
     CHECK(setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) == 0, "SO_REUSEPORT");
+    if (!port)
+        return fd;
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port),
                              .sin_addr.s_addr = htonl(0x7f000001u) };
     CHECK(bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0, "bind :%u: %s", port, strerror(errno));
     return fd;
 }
 
+/* A port no socket holds: the kernel's pick for a plain socket, which it then gives back. */
+static uint16_t free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(0x7f000001u) };
+    socklen_t l = sizeof(a);
+    CHECK(fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0
+              && getsockname(fd, (struct sockaddr *)&a, &l) == 0, "a free port");
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc, (void)argv;
     for (size_t g = 0; g < NGROUPS; g++) {
-        groups[g][0] = reuseport_socket(0);
-        struct sockaddr_in a;
-        socklen_t l = sizeof(a);
-        getsockname(groups[g][0], (struct sockaddr *)&a, &l);
-        ports[g] = ntohs(a.sin_port);
-        for (uint32_t i = 1; i < group_sizes[g]; i++) /* bound in queue order */
+        ports[g] = free_port();
+        for (uint32_t i = 0; i < group_sizes[g]; i++) /* bound in queue order */
             groups[g][i] = reuseport_socket(ports[g]);
         int rc = fp_reuseport_steer(groups[g][0], group_sizes[g]);
         CHECK(rc == 0, "fp_reuseport_steer(%u sockets) = %d", group_sizes[g], rc);
@@ -70,7 +82,7 @@ static uint32_t ref_steer(const uint8_t *p, uint32_t len, uint32_t nsocks)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     fz_in in = { data, size };
-    /* the return value, on a socket of its own */
+    /* the return value, on a socket of its own (not bound: it joins no group) */
     uint8_t ns = in_u8(&in);
     uint32_t nsocks = ns % 6 == 0 ? 0 : ns % 6 == 1 ? FP_STEER_MAX_SOCKS
                     : ns % 6 == 2 ? FP_STEER_MAX_SOCKS + 1 : ns % 6 == 3 ? in_u32(&in) : 1 + in_u8(&in);
