@@ -373,6 +373,27 @@ class Soak:
 # --- report -----------------------------------------------------------------------------------
 
 
+def fd_line(r: dict[str, Any]) -> str:
+    """The samples whose fd table differed from the first one, and what the difference was."""
+    changes = r.get("fd_changes", [])
+    if not changes:
+        return f"- fd tables: every one of the {len(r['samples'])} samples as the first one"
+
+    def kinds(fds: dict[str, str]) -> str:
+        return ", ".join(sorted({v.split(":")[0] for v in fds.values()})) or "-"
+
+    parts = [
+        f"{c['node']} at {c['t']:g} s: +{len(c['new'])} ({kinds(c['new'])}) "
+        f"-{len(c['gone'])} ({kinds(c['gone'])})"
+        for c in changes[:10]
+    ]
+    more = f" and {len(changes) - 10} more" if len(changes) > 10 else ""
+    return (
+        f"- fd tables differing from the first sample, in {len(changes)} of "
+        f"{len(r['samples'])} samples: " + "; ".join(parts) + more
+    )
+
+
 def markdown(report: dict[str, Any]) -> str:
     r = report["results"]
     a = report["args"]
@@ -429,6 +450,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"p99 {p['rtt_ms']['p99']} ms, max {p['rtt_ms']['max']} ms (under the TCP load)",
         f"- control plane: {r['churn']['puts']} lease puts, {r['churn']['deletes']} deletes; "
         f"renewals {r['renewals']}; exit codes {r['exit_codes']}",
+        fd_line(r),
         "",
         "RSS is VmRSS of the daemon process, sampled every "
         f"{a['every']:g} s; growth is the last judged sample minus the first, the slope a "
