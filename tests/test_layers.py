@@ -75,7 +75,7 @@ MODULES: dict[str, frozenset[str]] = {
         }
     ),
     "control.static": frozenset({"errors", "options", "control.lease", "control.network"}),
-    "control.etcd": frozenset({"errors", "control.manager", "control.registry"}),
+    "control.etcd": frozenset({"errors", "control.registry"}),
     "control.annotations": frozenset({"errors", "control.lease"}),
     "control.kube": frozenset(
         {

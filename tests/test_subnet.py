@@ -1163,7 +1163,7 @@ def test_watch_outage_loses_nothing_and_resumes_from_revision() -> None:
             ("ADDED", "198.18.5.0/24", "198.19.0.5"),
             ("REMOVED", "198.18.2.0/24", str(PEER_A)),
         ]
-        assert reg.clock.sleeps == [0.1, 0.2, 0.4, 0.8]
+        assert reg.clock.sleeps == [0.1, 0.2, 0.25, 0.25]
         assert states == [False, True]
         assert reg.watch_starts[1:] == [seen + 1] * 4  # every retry from the same point
         assert reg.calls.count("list_subnets") == 1  # no re-list needed
@@ -1195,7 +1195,7 @@ def test_watch_backoff_is_capped_below_a_second() -> None:
         gen = mgr.watch_leases(net(OWN))
         events = await nxt(gen)
         assert len(events) == 2 and all(e.added for e in events)
-        assert reg.clock.sleeps == [0.1, 0.2, 0.4, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]
+        assert reg.clock.sleeps == [0.1, 0.2, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25]
         assert states == [False, True]
         await gen.aclose()
 
@@ -1268,7 +1268,7 @@ def test_watch_repeated_compaction_backs_off() -> None:
         reg.clock.on_sleep = on_sleep
         assert summary(await nxt(gen)) == [("ADDED", "198.18.7.0/24", "198.19.0.7")]
         # outage 0.1; compacted -> re-list; compacted again -> 0.2, re-list; again -> 0.4
-        assert reg.clock.sleeps == [0.1, 0.2, 0.4]
+        assert reg.clock.sleeps == [0.1, 0.2, 0.25]
         await gen.aclose()
 
     run(scenario())

@@ -17,7 +17,6 @@ import grpc.aio
 from aetcd import rpc, utils
 
 from ..errors import ConfigError
-from .manager import RECONNECT_MAX
 from .registry import (
     CompactedError,
     KeyValue,
@@ -40,13 +39,14 @@ T = TypeVar("T")
 
 # gRPC channel settings.  The stock reconnect backoff grows to 120 s, so after a long outage
 # the channel could sit in TRANSIENT_FAILURE for minutes after etcd is back: cap it at
-# control.manager.RECONNECT_MAX, so a join after an outage is learned within a second.
+# 0.5 s: the watch's own retry (control.manager.RECONNECT_MAX) runs after it, and the two in
+# series must stay under a second for a join after an outage to be learned within one.
 # Keepalive pings on active streams notice a silent peer (partition, SIGSTOP) in ~15 s; 10 s
 # stays above etcd's --grpc-keepalive-min-time (5 s), and no pings without calls (etcd's
 # enforcement policy does not permit them).
 _CHANNEL_OPTIONS: dict[str, Any] = {
     "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.max_reconnect_backoff_ms": int(RECONNECT_MAX * 1000),
+    "grpc.max_reconnect_backoff_ms": 500,
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
     "grpc.keepalive_permit_without_calls": 0,

@@ -20,9 +20,11 @@ class ConfigPending(ConfigError):
 
 
 # How a lost datastore is retried by every manager's watch: 0.1 s doubling, capped so that a
-# node joining after an outage is learned within a second of the datastore's return.
+# node joining after an outage is learned within a second of the datastore's return (with
+# etcd the gRPC channel reconnects on its own schedule first: control/etcd.py keeps that one
+# at 0.5 s, so the two waits in series stay under a second).
 RECONNECT_FIRST = 0.1
-RECONNECT_MAX = 0.8
+RECONNECT_MAX = 0.25
 
 
 class SubnetManager(Protocol):

@@ -244,6 +244,7 @@ class EtcdProcess:
         """SIGSTOP: the server keeps its sockets but answers nothing (like a partition)."""
         if self.running() and self.proc is not None:
             os.kill(self.proc.pid, signal.SIGSTOP)
+            _wait_stopped(self.proc.pid)
 
     def resume(self) -> None:
         if self.running() and self.proc is not None:
@@ -490,3 +491,21 @@ class EtcdCluster:
             if time.monotonic() > deadline:
                 raise TestbedError(f"no single etcd leader within {timeout}s: {last}")
             time.sleep(0.05)
+
+
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until every thread of pid is stopped: SIGSTOP is delivered asynchronously, and a busy
+    machine may let a Go server answer one more request after kill() returned."""
+    deadline = time.monotonic() + timeout
+    task_dir = f"/proc/{pid}/task"
+    while time.monotonic() < deadline:
+        try:
+            states = []
+            for tid in os.listdir(task_dir):
+                with open(f"{task_dir}/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            return  # it is gone: nothing answers either
+        if states and all(st in ("T", "t") for st in states):
+            return
+        time.sleep(0.002)
