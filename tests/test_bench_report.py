@@ -472,16 +472,17 @@ def test_retries_are_in_the_schema_and_the_summary() -> None:
 
 def test_explain_says_where_an_idle_round_trip_goes() -> None:
     doc = synthetic_doc()
-    rung = next(r for r in doc["rungs"] if r["name"] == "multiqueue-rt")  # the last daemon rung
-    idle = dict(rung["counters"]["tcp"])
+    rungs = {r["name"]: r for r in doc["rungs"]}
+    default, vx = rungs["multiqueue"], rungs["vxlan"]["figures"]["rtt_idle_p50_ms"]
+    idle = dict(default["counters"]["tcp"])
     idle.update(packets=1200, daemon_cpu_us_per_packet=12.5, wakeups_per_packet=0.75)
     idle.update(syscalls_per_packet=1.5)
-    rung["counters"]["idle"] = idle
+    default["counters"]["idle"] = idle
     text = "\n".join(explain(doc))
-    vx = next(r for r in doc["rungs"] if r["name"] == "vxlan")["figures"]["rtt_idle_p50_ms"]
-    added = (rung["figures"]["rtt_idle_p50_ms"] - vx) * 1000
-    assert f"An idle round trip through {rung['label']}" in text
-    assert "the two daemons spent 50 us of CPU, in 3.0 wake-ups and 6.0 syscalls" in text
-    assert f"the other {added - 50:.0f} us are the wait for those wake-ups" in text
-    del rung["counters"]["idle"]
+    added = (default["figures"]["rtt_idle_p50_ms"] - vx) * 1000
+    assert f"An idle round trip through {default['label']}: p50" in text
+    assert f"{added:+.0f} us against kernel VXLAN" in text
+    assert "the daemons woke 3.0 times, made 6.0 syscalls and used 50 us of CPU" in text
+    assert "Against flannel's proxy loop" not in text  # no such rung in this document
+    del default["counters"]["idle"]
     assert "An idle round trip" not in "\n".join(explain(doc))  # no counters, no paragraph

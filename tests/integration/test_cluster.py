@@ -6,18 +6,16 @@
 from __future__ import annotations
 
 import ipaddress
-import os
-import shutil
 import stat
 import time
 from collections.abc import Iterator
 
 import pytest
+from cluster_helpers import needs_cluster, stop_all_exit_zero
 
 from udpbackend.lab.addressing import OVERLAY_NETWORK
 from udpbackend.lab.cluster import Cluster, lease_value
 from udpbackend.lab.daemons import EtcdNode
-from udpbackend.lab.etcdproc import ETCD, ETCDCTL
 
 NS_PREFIX = "ubit"  # conftest.py checks that no ubit-<our pid>-* namespace is left behind
 BASE = (0, 1, 2)  # the nodes every test may rely on (restarted by the `cl` fixture if stopped)
@@ -26,16 +24,7 @@ TUN_MTU = 1472  # veth 1500 - 28
 ROUTE_BAR = 2.0  # seconds: lease change -> route change on the peers
 
 
-def _etcd_missing() -> str | None:
-    for path in (ETCD, ETCDCTL):
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            return f"{path} missing (apt-get install etcd-server etcd-client)"
-    if shutil.which("iptables") is None:
-        return "iptables missing"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_etcd_missing() is not None, reason=str(_etcd_missing()))
+pytestmark = needs_cluster()
 
 
 # --- fixtures ---------------------------------------------------------------------------------
@@ -50,12 +39,7 @@ def _cluster() -> Iterator[Cluster]:
             cl.start_etcd_node(i)
         cl.wait_converged()
         yield cl
-        errors = []
-        for node in cl.running():  # every daemon still up must exit 0 on SIGTERM
-            rc = node.stop(check=False)
-            if rc != 0:
-                errors.append(f"n{node.index} exited {rc}\n{node.log_tail()}")
-        assert not errors, "\n".join(errors)
+        stop_all_exit_zero(cl)
     finally:
         cl.close()
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -18,11 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from cluster_helpers import needs_cluster
 
 from udpbackend.lab.addressing import OVERLAY_NETWORK
 from udpbackend.lab.cluster import Cluster, lease_value
 from udpbackend.lab.daemons import EtcdNode
-from udpbackend.lab.etcdproc import ETCD, ETCDCTL
 
 NS_PREFIX = "ubit"  # conftest.py checks that no ubit-<our pid>-* namespace is left behind
 BASE = (0, 1, 2)
@@ -38,16 +36,7 @@ RENEW_MARGIN_MIN = 1439
 RENEW_AFTER = 24 * 3600 - RENEW_MARGIN_MIN * 60
 
 
-def _missing() -> str | None:
-    for path in (ETCD, ETCDCTL):
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            return f"{path} missing (apt-get install etcd-server etcd-client)"
-    if shutil.which("iptables") is None:
-        return "iptables missing"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+pytestmark = needs_cluster()
 
 
 def report(what: str, **figures: float | str) -> None:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from cluster_helpers import stop_all_exit_zero
 
 from udpbackend.lab.addressing import HUB, HUB_ADDR, OVERLAY_NETWORK, UDP_PORT
 from udpbackend.lab.cluster import Cluster
@@ -58,12 +59,7 @@ def _cluster() -> Iterator[Cluster]:
             cl.start_etcd_node(i, extra_args=MASQ)
         cl.wait_converged()
         yield cl
-        errors = []
-        for node in cl.running():
-            rc = node.stop(check=False)
-            if rc != 0:
-                errors.append(f"n{node.index} exited {rc}\n{node.log_tail()}")
-        assert not errors, "\n".join(errors)
+        stop_all_exit_zero(cl)
     finally:
         cl.close()
 

@@ -43,31 +43,50 @@ def explain(doc: dict[str, Any]) -> list[str]:
         prev = r
     if daemon_ladder and vx:
         out.append(_where_it_stands(daemon_ladder[-1], vx))
-    for name in ("flannel-proxy", daemon_ladder[-1]["name"] if daemon_ladder else ""):
-        r = ok_rung(doc, name) if name else None
+    base = ok_rung(doc, "flannel-proxy")
+    for name in ("flannel-proxy", DEFAULT_RUNG):
+        r = ok_rung(doc, name)
         if r and vx and _phase(r, "idle").get("packets"):
-            out.append(_idle_round_trip(r, vx))
+            out.append(_idle_round_trip(r, vx, base if name != "flannel-proxy" else None))
     return out
 
 
-def _idle_round_trip(r: dict[str, Any], vx: dict[str, Any]) -> str:
-    """Where an idle round trip's microseconds go, from the idle pings' own counters: four
-    daemon packets per round trip (A out, B in, B out, A in)."""
+DEFAULT_RUNG = "multiqueue"  # the rung that runs udpbackend's default configuration
+
+
+def _idle_round_trip(r: dict[str, Any], vx: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """Where an idle round trip's microseconds go, from the idle pings' own counters (four
+    daemon packets per round trip: A out, B in, B out, A in), against VXLAN and, given
+    `base` (flannel's proxy loop), against that."""
     c, f = _phase(r, "idle"), r["figures"]
     added = _diff_us(r, vx, "rtt_idle_p50_ms")
-    cpu = c.get("daemon_cpu_us_per_packet")
-    cpu_rt = None if cpu is None else 4 * cpu
-    rest = None if added is None or cpu_rt is None else added - cpu_rt
-    return (
+    text = (
         f"An idle round trip through {r['label']}: p50 {fmt(f['rtt_idle_p50_ms'], 3)} ms, "
-        f"{'n/a' if added is None else f'{added:+.0f}'} us against kernel VXLAN. Per round "
-        f"trip the two daemons spent {fmt(cpu_rt, 0)} us of CPU, in "
-        f"{fmt(_x4(c.get('wakeups_per_packet')), 1)} wake-ups and "
-        f"{fmt(_x4(c.get('syscalls_per_packet')), 1)} syscalls; the other "
-        f"{'n/a' if rest is None else f'{rest:.0f}'} us are the wait for those wake-ups "
-        f"(a sleeping queue thread scheduled onto a CPU; VXLAN answers in softirq, with none) "
-        f"and the four crossings of the TUN and the socket."
+        f"{'n/a' if added is None else f'{added:+.0f}'} us against kernel VXLAN, which "
+        f"answers in softirq with no thread to wake. Per round trip the daemons woke "
+        f"{fmt(_x4(c.get('wakeups_per_packet')), 1)} times, made "
+        f"{fmt(_x4(c.get('syscalls_per_packet')), 1)} syscalls and used "
+        f"{fmt(_x4(c.get('daemon_cpu_us_per_packet')), 0)} us of CPU (user time and the kernel "
+        f"work inside those syscalls: a TUN write runs the receiving stack, a send the path "
+        f"to the peer, work VXLAN does in softirq too)."
     )
+    bc = _phase(base, "idle") if base else {}
+    if base and bc.get("packets"):
+        d_rtt = _diff_us(r, base, "rtt_idle_p50_ms")
+        d_cpu = _delta4(c, bc, "daemon_cpu_us_per_packet")
+        d_sys = _delta4(c, bc, "syscalls_per_packet")
+        text += (
+            f" Against flannel's proxy loop: "
+            f"{'n/a' if d_rtt is None else f'{d_rtt:+.0f}'} us of RTT, "
+            f"{'n/a' if d_cpu is None else f'{d_cpu:+.0f}'} us of daemon CPU and "
+            f"{'n/a' if d_sys is None else f'{d_sys:+.1f}'} syscalls per round trip."
+        )
+    return text
+
+
+def _delta4(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+    x, y = a.get(key), b.get(key)
+    return None if x is None or y is None else 4 * (x - y)
 
 
 def _x4(x: float | None) -> float | None:

@@ -150,6 +150,15 @@ RUNGS: tuple[Rung, ...] = (
         peers_file=_peers_10k,
         default=False,
     ),
+    # the same without the ingress source check: what --peer-check strict costs at 10k peers
+    daemon_rung(
+        "batched-10k-nocheck",
+        "udpbackend batched + 10k routes, --peer-check off",
+        "batched",
+        [*ONE_QUEUE, "--peer-check", "off"],
+        peers_file=_peers_10k,
+        default=False,
+    ),
 )
 RUNG_BY_NAME = {r.name: r for r in RUNGS}
 DEFAULT_RUNGS = tuple(r.name for r in RUNGS if r.default)
