@@ -591,6 +591,41 @@ static inline fz_frame fz_build_frame(fz_in *in, uint32_t mtu, uint32_t max_fram
     return f;
 }
 
+/* One segment of a TCP flow, src:40000 -> dst:5201: n payload bytes, seq, flags, IP id, optw
+ * option words (timestamps first), valid checksums, DF, TTL 64.  In a malloc of exactly *len
+ * bytes. */
+static inline uint8_t *fz_tcp_segment(uint32_t n, uint32_t seq, uint8_t flags, uint16_t id,
+                                      uint32_t optw, uint8_t seed, uint32_t src, uint32_t dst,
+                                      uint32_t *len)
+{
+    uint32_t thl = 20 + optw * 4, l = 20 + thl + n;
+    uint8_t *p = xmalloc(l);
+    memset(p, 0, 20 + thl);
+    p[0] = 0x45;
+    s16(p + 2, (uint16_t)l);
+    s16(p + 4, id);
+    s16(p + 6, 0x4000);
+    p[8] = 64;
+    p[9] = P_TCP;
+    s32(p + 12, src);
+    s32(p + 16, dst);
+    uint8_t *t = p + 20;
+    s16(t, 40000);
+    s16(t + 2, 5201);
+    s32(t + 4, seq);
+    s32(t + 8, 77777);
+    t[12] = (uint8_t)((thl / 4) << 4);
+    t[13] = flags;
+    s16(t + 14, 502);
+    for (uint32_t i = 20; i < thl; i++)
+        t[i] = i < 24 ? (uint8_t[]){ 1, 1, 8, 10 }[i - 20] : (uint8_t)(i * 3);
+    fill_pattern(p, 20 + thl, l, seed);
+    set_l4_csum(p, l, 0);
+    set_ip_csum(p, l);
+    *len = l;
+    return p;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * API shims: the calls whose signatures changed with the ingress source check (fastpath.h
  * defines FP_PEER_CHECK_OFF since then); the harnesses call these, so that they build against

@@ -20,38 +20,6 @@
 static uint8_t *pk[MAX_PKTS];
 static uint32_t pl[MAX_PKTS];
 
-/* One TCP segment of the flow: payload n bytes, seq, flags, from a template header. */
-static uint8_t *flow_seg(uint32_t n, uint32_t seq, uint8_t flags, uint16_t id, uint32_t optw,
-                         uint8_t seed, uint32_t *len)
-{
-    uint32_t thl = 20 + optw * 4, l = 20 + thl + n;
-    uint8_t *p = xmalloc(l);
-    memset(p, 0, 20 + thl);
-    p[0] = 0x45;
-    s16(p + 2, (uint16_t)l);
-    s16(p + 4, id);
-    s16(p + 6, 0x4000);
-    p[8] = 64;
-    p[9] = P_TCP;
-    s32(p + 12, A_SRC);
-    s32(p + 16, A_ROUTED);
-    uint8_t *t = p + 20;
-    s16(t, 40000);
-    s16(t + 2, 5201);
-    s32(t + 4, seq);
-    s32(t + 8, 77777);
-    t[12] = (uint8_t)((thl / 4) << 4);
-    t[13] = flags;
-    s16(t + 14, 502);
-    for (uint32_t i = 20; i < thl; i++)
-        t[i] = i < 24 ? (uint8_t[]){ 1, 1, 8, 10 }[i - 20] : (uint8_t)(i * 3);
-    fill_pattern(p, 20 + thl, l, seed);
-    set_l4_csum(p, l, 0);
-    set_ip_csum(p, l);
-    *len = l;
-    return p;
-}
-
 /* Change one thing of segment p (the fuzz input says what), fixing checksums unless told. */
 static void tweak(fz_in *in, uint8_t *p, uint32_t len)
 {
@@ -117,8 +85,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 uint32_t pay = i == k - 1 ? last : mss;
                 if (20 + 20 + optw * 4 + pay > 65535)
                     pay = 1000;
-                pk[n] = flow_seg(pay, seq, i == k - 1 ? flags : T_ACK, (uint16_t)(100 + i), optw,
-                                 (uint8_t)i, &pl[n]);
+                pk[n] = fz_tcp_segment(pay, seq, i == k - 1 ? flags : T_ACK, (uint16_t)(100 + i), optw,
+                                       (uint8_t)i, A_SRC, A_ROUTED, &pl[n]);
                 seq += pay;
                 n++;
             }
@@ -133,7 +101,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             pl[n++] = p.len;
         } else { /* the jumbo case: one long segment, or 64 KiB merged */
             uint32_t pay = 65535 - 40 - in_u16(&in) % 64;
-            pk[n] = flow_seg(pay, in_u32(&in), T_ACK, 1, 0, 0, &pl[n]);
+            pk[n] = fz_tcp_segment(pay, in_u32(&in), T_ACK, 1, 0, 0, A_SRC, A_ROUTED, &pl[n]);
             n++;
         }
     }

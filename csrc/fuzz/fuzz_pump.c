@@ -48,7 +48,8 @@
 #endif
 
 #define FRAME_MAX (FP_VNET_HDR_LEN + FP_IP_MAX_LEN)
-#define MAX_IN 96           /* inputs (frames or datagrams) per scenario */
+#define MAX_IN 640          /* inputs (datagrams, segments of UDP_SEGMENT trains) per scenario */
+#define MAX_ONE_BY_ONE 96   /* ...of them sent one syscall each */
 #define MAX_OUT 3000        /* no more inputs once the model predicts this many outputs (the
                              * peer's receive buffer holds them all) */
 
@@ -193,7 +194,7 @@ static void wait_readable(int fd, int ms)
 typedef struct {
     uint32_t mtu, pp, vnet, want_off, peer_check, icmp_rate, nslots, slot_size, aux_size;
     int aux_null, arena_null, budget, driver, egress, linger;
-    int tun_full;     /* egress: the TUN's queue towards the kernel is full, replies fail */
+    int tun_full;     /* the TUN's queue towards the kernel is full: writes into it fail */
 } scen_t;
 
 static scen_t S; /* the scenario running, for fz_context */
@@ -380,7 +381,9 @@ static void model_ingress_one(fp_ctx *tw, const uint8_t *d, uint32_t len, int fr
     int v = fz_ingress(tw, rt, p, &l, src, 0, reply, &rl);
     for (int i = 0; i < FP_DROP_REASONS; i++)
         M.drops[i] += tw->stats.ingress.drops[i] - before[i];
-    if (v == FP_FORWARD) {
+    if (v == FP_FORWARD && S.tun_full) {
+        M.drops[FP_DROP_TX_ERROR]++; /* the write into the TUN refused: the one drop */
+    } else if (v == FP_FORWARD) {
         bl_add(&M.fwd, p, l, NULL, 0);
         M.tx_bytes += l;
     } else if (v == FP_REPLY) {
@@ -463,19 +466,13 @@ static int send_dgram(int src_fd, const uint8_t *p, uint32_t n)
     return sendto(src_fd, p, n, 0, (struct sockaddr *)&to, sizeof(to)) == (ssize_t)n;
 }
 
-/* k copies of seg and then last (if any) as one UDP_SEGMENT message; 0 if refused. */
-static int send_train(int src_fd, const uint8_t *seg, uint32_t sl, uint32_t k, const uint8_t *last,
-                      uint32_t ll)
+/* buf[0:total] as one UDP_SEGMENT message of gso-byte datagrams (the last may be shorter);
+ * 0 if the kernel refused it. */
+static int send_train(int src_fd, const uint8_t *buf, uint32_t total, uint32_t gso)
 {
-    uint32_t total = sl * k + ll;
-    uint8_t *buf = xmalloc(total);
-    for (uint32_t i = 0; i < k; i++)
-        memcpy(buf + i * sl, seg, sl);
-    if (ll)
-        memcpy(buf + k * sl, last, ll);
     struct sockaddr_in to = { .sin_family = AF_INET, .sin_port = htons(port_of(sock)),
                               .sin_addr.s_addr = htonl(0x7f000001u) };
-    struct iovec iov = { buf, total };
+    struct iovec iov = { (void *)buf, total };
     union {
         char b[CMSG_SPACE(sizeof(uint16_t))];
         struct cmsghdr align;
@@ -486,11 +483,9 @@ static int send_train(int src_fd, const uint8_t *seg, uint32_t sl, uint32_t k, c
     c->cmsg_level = SOL_UDP;
     c->cmsg_type = UDP_SEGMENT;
     c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-    uint16_t g = (uint16_t)sl;
+    uint16_t g = (uint16_t)gso;
     memcpy(CMSG_DATA(c), &g, sizeof(g));
-    int ok = sendmsg(src_fd, &h, 0) == (ssize_t)total;
-    free(buf);
-    return ok;
+    return sendmsg(src_fd, &h, 0) == (ssize_t)total;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -509,7 +504,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     s.icmp_rate = mode & 0x80 ? 0 : 1000000;
     uint8_t drv = in_u8(&in);
     s.driver = drv % 4 == 3 ? 2 : drv % 4 == 2 ? 1 : 0; /* pump, fp_run, fp_serve */
-    s.tun_full = s.egress && !s.vnet && (drv & 0x80);
+    s.tun_full = !s.vnet && (drv & 0x80);
     static const int budgets[] = { 64, 1, 2, 7, 1000, 3, 128, 0 };
     uint8_t bs = in_u8(&in);
     s.budget = bs >= 0xf8 ? (int)in_u16(&in) : budgets[bs % 8];
@@ -562,9 +557,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint32_t nin = 0;
     uint8_t kstate = in_u8(&in);
     uint32_t want_in = 1 + kstate % 12;
-    if (s.tun_full) /* each refused reply costs the pump a 5 ms wait */
+    if (s.tun_full) /* each refused write costs the pump a 5 ms wait */
         want_in = 1 + kstate % 2;
-    while (nin < want_in && nin < MAX_IN && M.fwd.n + M.replies.n < MAX_OUT) {
+    for (uint32_t item = 0; item < want_in && nin < MAX_IN && M.fwd.n + M.replies.n < MAX_OUT;
+         item++) {
         uint8_t rep = in_u8(&in);
         uint32_t copies = rep >= 0xf0 ? 1 + in_u8(&in) % 70 : 1;
         if (s.tun_full)
@@ -583,7 +579,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 f = p.buf;
                 fl = p.len;
             }
-            for (uint32_t c = 0; c < copies && nin < MAX_IN && M.fwd.n < MAX_OUT; c++, nin++) {
+            for (uint32_t c = 0; c < copies && nin < MAX_ONE_BY_ONE && M.fwd.n < MAX_OUT; c++, nin++) {
                 CHECK(send(tun_test, f, fl, 0) == (ssize_t)fl, "fake TUN refused %u bytes: %s", fl,
                       strerror(errno));
                 model_egress_frame(&tw, f, fl, &s);
@@ -594,14 +590,59 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             int src_fd = from_stranger ? stranger : peer;
             fz_geom g = { .mtu = s.mtu, .slot_size = s.slot_size, .proto = -1,
                           .max_len = FP_UDP_MAX_PAYLOAD };
+            if ((rep & 7) == 3 && !s.tun_full) { /* segments of one TCP flow: they may merge */
+                uint32_t k = 1 + in_u8(&in) % 64, optw = rep & 0x10 ? 3 : 0;
+                uint32_t mss = rep & 0x20 ? s.mtu - 40 - optw * 4 : 1 + in_u16(&in) % 1460;
+                if (mss > 16000 || s.mtu < 40 + optw * 4 + 1)
+                    mss = 1000;
+                uint32_t last = mss - in_u16(&in) % mss, seq = in_u32(&in);
+                int train = (rep & 8) && !s.pp;
+                if (nin + k > MAX_IN)
+                    k = MAX_IN - nin;
+                while (train && k > 1 && (uint64_t)k * (40 + optw * 4 + mss) > FP_UDP_MAX_PAYLOAD)
+                    k--;
+                uint8_t *seg[64];
+                uint32_t sl[64], total = 0;
+                for (uint32_t i = 0; i < k; i++) {
+                    uint8_t fl = T_ACK | (i == k - 1 && (rep & 0x40) ? T_PSH : 0);
+                    seg[i] = fz_tcp_segment(i == k - 1 ? last : mss, seq, fl, (uint16_t)(7 + i), optw,
+                                            (uint8_t)i, A_ROUTED, A_SRC, &sl[i]);
+                    seq += i == k - 1 ? last : mss;
+                    total += sl[i];
+                }
+                int sent = 0;
+                if (train && total <= FP_UDP_MAX_PAYLOAD) {
+                    uint8_t *buf = xmalloc(total);
+                    for (uint32_t i = 0, at = 0; i < k; at += sl[i++])
+                        memcpy(buf + at, seg[i], sl[i]);
+                    sent = send_train(src_fd, buf, total, sl[0]);
+                    free(buf);
+                }
+                for (uint32_t i = 0; i < k && nin < MAX_IN; i++, nin++) {
+                    if (sent || send_dgram(src_fd, seg[i], sl[i]))
+                        model_ingress_one(&tw, seg[i], sl[i], from_stranger, &s);
+                }
+                for (uint32_t i = 0; i < k; i++)
+                    free(seg[i]);
+                continue;
+            }
             fz_pkt p = fz_build_ip(&in, &g);
-            if ((rep & 7) == 2 && p.len > 0 && !s.pp) { /* a UDP_SEGMENT train */
+            if ((rep & 7) == 2 && p.len > 0 && !s.pp && !s.tun_full) { /* a UDP_SEGMENT train */
                 uint32_t k = 1 + in_u8(&in) % 64;
                 fz_pkt q = fz_build_ip(&in, &g);
                 uint32_t ll = q.len <= p.len ? q.len : 0;
                 if ((uint64_t)p.len * k + ll > FP_UDP_MAX_PAYLOAD)
                     k = (FP_UDP_MAX_PAYLOAD - ll) / p.len;
-                if (k >= 1 && send_train(src_fd, p.buf, p.len, k, q.buf, ll)) {
+                if (nin + k + 1 > MAX_IN)
+                    k = 0;
+                uint8_t *buf = xmalloc((size_t)p.len * k + ll);
+                for (uint32_t i = 0; i < k; i++)
+                    memcpy(buf + (size_t)i * p.len, p.buf, p.len);
+                if (ll)
+                    memcpy(buf + (size_t)k * p.len, q.buf, ll);
+                int sent = k >= 1 && send_train(src_fd, buf, p.len * k + ll, p.len);
+                free(buf);
+                if (sent) {
                     for (uint32_t i = 0; i < k; i++)
                         model_ingress_one(&tw, p.buf, p.len, from_stranger, &s);
                     if (ll)
@@ -612,7 +653,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 }
                 free(q.buf);
             } else {
-                for (uint32_t c = 0; c < copies && nin < MAX_IN; c++, nin++)
+                for (uint32_t c = 0; c < copies && nin < MAX_ONE_BY_ONE; c++, nin++)
                     if (send_dgram(src_fd, p.buf, p.len))
                         model_ingress_one(&tw, p.buf, p.len, from_stranger, &s);
             }
@@ -696,6 +737,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     } else {
         blist writes = { 0 };
         drain_into(tun_test, &writes);
+        if (s.tun_full) { /* the filler, and nothing the pump wrote */
+            CHECK(writes.n == filler, "a full TUN took %u writes", writes.n - filler);
+            bl_free(&writes);
+        }
         if (s.vnet) {
             unmerge(&writes, &G.fwd);
             bl_free(&writes);

@@ -344,10 +344,31 @@ def pump_seeds() -> Iterator[tuple[str, bytes]]:
     yield "fp_serve", scen(INGRESS, flow3, 3, drv=3)
     yield "fp_serve-vnet", scen(EGRESS | VNET, pk(frame()), 1, drv=3, slots=3, slot=3)
     yield "no-icmp", scen(EGRESS | NOICMP, pk(ip(ttl="1")), 1)
+
+    def flow(k: int, mss: int, last_cut: int = 0, train: bool = True, ts: bool = False) -> bytes:
+        rep = 3 | (8 if train else 0) | (0x10 if ts else 0)
+        return bytes([rep, k - 1]) + u16(mss - 1) + u16(last_cut) + u32(1000)
+
+    vnet_in = INGRESS | VNET
+    yield "ingress-vnet-flow", scen(vnet_in, flow(40, 1400), 1, slots=3, slot=3)
+    yield (
+        "ingress-vnet-flows",
+        scen(vnet_in | check(2), flow(20, 1000, 300, False) * 2, 2, slots=3, slot=3),
+    )
+    yield (
+        "ingress-vnet-gro-flows",
+        scen(vnet_in | GRO, flow(64, 100, ts=True) * 9, 9, slots=3, slot=3, budget=4),
+    )
+    yield "ingress-gro-trains", scen(INGRESS | GRO, flow(30, 1200) + flow(64, 500), 2, slot=3)
+    # 300-segment super-packets, mtu 270 (0xf0: 68 + the u16 that follows)
+    jumbo = pk(frame(jumbo=True, tcp_opts="ts"))
+    head = bytes([EGRESS | VNET, 0, 4, 3, 3, 0, 2])  # budget 1000: the three in one call
+    yield "egress-vnet-queue-full", bytes([0xF0]) + u16(270 - 68) + head + jumbo * 3
     full = 0x80  # driver byte: the TUN's queue towards the kernel full, replies refused
     yield "tun-full-ttl1", scen(EGRESS, pk(ip(ttl="1")), 1, drv=full)
     yield "tun-full-unrouted", scen(EGRESS | PP, pk(ip(dst="unrouted")) + pk(ip()), 2, drv=full)
     yield "tun-full-fp_serve", scen(EGRESS, pk(ip(frag="df", total="mtu+1")), 1, drv=full | 3)
+    yield "tun-full-ingress", scen(INGRESS, pk(ip()) + pk(ip(ttl="1")), 2, drv=full)
     for name, slots, slot, aux in (
         ("nslots-0", 6, 0, 0),
         ("nslots-65", 7, 0, 0),
