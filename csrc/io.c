@@ -709,7 +709,8 @@ int fp_udp_to_tun(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int udp_fd, int 
             }
             do {
                 cx->stats.syscalls[FP_SYS_RECVMMSG]++;
-                n = recvmmsg(udp_fd, msgs, want, MSG_DONTWAIT, NULL);
+                /* MSG_TRUNC: msg_len is a datagram's real length, also when it was cut */
+                n = recvmmsg(udp_fd, msgs, want, MSG_DONTWAIT | MSG_TRUNC, NULL);
             } while (n < 0 && errno == EINTR);
         }
         if (n < 0) {
@@ -728,9 +729,9 @@ int fp_udp_to_tun(fp_ctx *cx, const fp_routes *rt, fp_batch *b, int udp_fd, int 
             uint8_t *slot = b->arena + (size_t)i * b->slot_size;
             uint32_t len = msgs[i].msg_len;
             /* A slot is at least mtu + 1 bytes, and with udp_gro at least FP_UDP_MAX_PAYLOAD
-             * (check_batch): a message cut by the kernel (MSG_TRUNC; recvfrom reports the real
-             * length) is one datagram over the MTU, never written; from a stranger it is
-             * counted as such first, as fp_ingress would. */
+             * (check_batch): a message cut by the kernel (MSG_TRUNC; recvfrom and recvmmsg
+             * report the real length, counted as rx_bytes) is one datagram over the MTU, never
+             * written; from a stranger it is counted as such first, as fp_ingress would. */
             if (len > b->slot_size || (msgs[i].msg_hdr.msg_flags & MSG_TRUNC)) {
                 int why = fp_ingress_outer(cx, rt, ntohl(from[i].sin_addr.s_addr));
                 st->rx_packets++;

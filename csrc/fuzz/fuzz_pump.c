@@ -23,10 +23,8 @@
  *   - counters: rx = the inputs (segments) taken, each counted exactly once as forwarded or as
  *     one drop reason, per reason as the model says; tx_bytes / rx_bytes; the batch histogram
  *     adds up to the batches.
- * Two FINDINGs (reported, io.c not changed here) are written into the model where they apply:
- * a refused ICMP error counts a TX_ERROR drop on top of its packet's drop, and a datagram cut
- * by the kernel counts the bytes that fit as rx_bytes in batched mode (its length per-packet);
- * tests/fuzz/test_fuzz.py pins both as strict xfails. */
+ * But for one thing the project chose: a refused ICMP error counts a TX_ERROR drop on top of
+ * its packet's drop (model_reply), so then rx + refused replies = tx + drops. */
 #include "fuzz.h"
 
 #include <arpa/inet.h>
@@ -280,9 +278,10 @@ static void model_reset(void)
 
 static const uint8_t zero_vnet[FP_VNET_HDR_LEN];
 
-/* An ICMP error the egress pump writes into the TUN: there, or refused by a full TUN.
- * FINDING: a refused reply is counted as a TX_ERROR drop on top of the drop (TTL_EXCEEDED,
- * NO_ROUTE, OVERSIZE) its packet was already counted as: one input, two drops. */
+/* An ICMP error the egress pump writes into the TUN: there, or refused by a full TUN.  A
+ * refused reply counts a TX_ERROR drop on top of the drop (TTL_EXCEEDED, NO_ROUTE, OVERSIZE)
+ * its packet was counted as - one input, two drops - as the twin's Pump does and
+ * tests/test_fastpath_io.py's test_full_tun_costs_tx_error asserts. */
 static void model_reply(const uint8_t *reply, uint32_t rl, int vnet)
 {
     if (S.tun_full) {
@@ -362,9 +361,7 @@ static void model_ingress_one(fp_ctx *tw, const uint8_t *d, uint32_t len, int fr
 {
     uint32_t src = from_stranger ? 0x7f000002u : 0x7f000001u;
     M.inputs++;
-    /* FINDING: batched, a datagram cut by the kernel counts the bytes that fit in the slot
-     * (recvmmsg without MSG_TRUNC); per-packet, its real length. */
-    M.rx_bytes += len > s->slot_size && !s->pp ? s->slot_size : len;
+    M.rx_bytes += len; /* its real length, also when the kernel cut it */
     if (len > s->slot_size) { /* cut by the kernel: oversize, or the stranger refused first */
         int why = FP_DROP_OVERSIZE;
 #if FZ_HAVE_PEER_CHECK
@@ -776,7 +773,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     /* counters */
     uint64_t rx = st->rx_packets - bst->rx_packets, tx = st->tx_packets - bst->tx_packets;
     uint64_t dr = dsum(st) - dsum(bst);
-    /* every input counted once, as forwarded or as one drop (but for the FINDING above) */
+    /* every input counted once, as forwarded or as one drop (refused replies: model_reply) */
     CHECK(rx + M.failed_replies == tx + dr, "rx %llu != tx %llu + drops %llu", (unsigned long long)rx,
           (unsigned long long)tx, (unsigned long long)dr);
     CHECK(tx == M.fwd.n, "tx_packets %llu, want %u", (unsigned long long)tx, M.fwd.n);

@@ -30,7 +30,6 @@ Replay one input:  .pytest_cache/d/fuzz-build/<hash>/fuzz_<harness> <file>
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import select
@@ -209,11 +208,6 @@ def test_gro_keeps_every_segments_ip_flags(c_impl: ModuleType) -> None:
         assert sum(n for _, n in out) == 3
 
 
-# Counter findings of fuzz_pump in io.c, left to its owner (reported; io.c was being changed):
-# strict xfails, so that the fix shows up as an XPASS to remove the mark from.
-IO_C = "io.c, reported by the fuzz tier; fuzz_pump.c's model carries it as a FINDING"
-
-
 @pytest.fixture
 def fds() -> Iterator[tuple[socket.socket, socket.socket, socket.socket, socket.socket]]:
     """The pump's end of a fake TUN, the kernel's end, the pump's UDP socket, a peer's."""
@@ -229,44 +223,11 @@ def fds() -> Iterator[tuple[socket.socket, socket.socket, socket.socket, socket.
         s.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a refused ICMP error counts TX_ERROR too: " + IO_C)
-def test_refused_icmp_error_leaves_one_drop_for_its_packet(c_impl: ModuleType, fds) -> None:
-    """fuzz_pump, TUN full: a TTL-1 packet is dropped (TTL_EXCEEDED) and its time-exceeded
-    error cannot be written into the TUN; the pump then counts a TX_ERROR as well, so one
-    input is two drops and rx != tx + drops."""
-    from packets import ip, ipv4_udp
-
-    ffi, lib = c_impl.ffi, c_impl.lib
-    cx, routes = c_impl.Context(ip("198.18.0.1"), 1400, peer_check="off"), c_impl.Routes()
-    pump_tun, kernel_tun, sock, _ = fds
-    pump_tun.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    with contextlib.suppress(BlockingIOError):
-        while True:  # the TUN's queue towards the kernel: full
-            pump_tun.send(bytes(1000))
-    kernel_tun.send(ipv4_udp("198.18.5.5", "198.19.1.5", ttl=1))
-    arena = ffi.new("uint8_t[]", 8 * 1401)
-    b = ffi.new("fp_batch *")
-    b.arena, b.slot_size, b.nslots = arena, 1401, 8
-    assert lib.fp_tun_to_udp(cx._cx, routes._rt, b, pump_tun.fileno(), sock.fileno(), 64) == 1
-    e = cx._cx.stats.egress
-    assert e.drops[lib.FP_DROP_TTL_EXCEEDED] == 1
-    assert (e.rx_packets, e.tx_packets, sum(e.drops)) == (1, 0, 1)
-
-
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "per-packet",
-        pytest.param(
-            "batched",
-            marks=pytest.mark.xfail(strict=True, reason="recvmmsg without MSG_TRUNC: " + IO_C),
-        ),
-    ],
-)
+@pytest.mark.parametrize("mode", ["per-packet", "batched"])
 def test_datagram_over_the_slot_counts_its_length(c_impl: ModuleType, fds, mode: str) -> None:
-    """fuzz_pump: a datagram longer than the slot (cut by the kernel, an OVERSIZE drop) adds
-    its length to ingress rx_bytes per-packet (recvfrom with MSG_TRUNC), but only the slot's
-    bytes batched (recvmmsg without MSG_TRUNC)."""
+    """fuzz_pump: a datagram longer than the slot (cut by the kernel, an OVERSIZE drop) added
+    its length to ingress rx_bytes per-packet (recvfrom with MSG_TRUNC, as the twin, whose
+    buffer holds any datagram) but only the slot's bytes batched: recvmmsg had no MSG_TRUNC."""
     from packets import ip, ipv4_udp
 
     ffi, lib = c_impl.ffi, c_impl.lib
