@@ -401,6 +401,14 @@ REGRESSIONS: dict[str, list[tuple[str, bytes]]] = {
         ("reserved-bit-first", bytes.fromhex("000000000031fff8f8f8f8f8f8ffffffffff95")),
         ("reserved-bit-later", bytes.fromhex("000000000085c585c5c5c585c5c5c5c5c5c5c5")),
     ],
+    # Batched ingress, 8 slots of 1402 bytes (mtu 1400): a 1403-byte datagram added 1402 to
+    # rx_bytes (recvmmsg without MSG_TRUNC), per-packet mode 1403.
+    "pump": [
+        (
+            "cut-datagram-rx-bytes",
+            bytes.fromhex("00010000000700000002000000150034120000000001025a"),
+        ),
+    ],
 }
 
 
