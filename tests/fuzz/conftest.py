@@ -14,7 +14,23 @@ import pytest
 # tests/fuzz is not a package: make `import fuzz_build, fuzz_seeds` work from any rootdir.
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fuzz_build import CLANGS, BuildError, Fuzzers, build, find_clang, harness_names, source_hash
+from fuzz_build import (
+    CLANGS,
+    SUMMARY,
+    BuildError,
+    Fuzzers,
+    build,
+    find_clang,
+    harness_names,
+    source_hash,
+)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    line = config.stash.get(SUMMARY, None)
+    if line:
+        terminalreporter.write_sep("-", "fuzz tier")
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

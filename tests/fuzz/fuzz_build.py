@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 FUZZ_SRC = CSRC / "fuzz"
@@ -57,6 +59,10 @@ class Fuzzers:
 
     def binary(self, name: str) -> Path:
         return self.bindir / f"fuzz_{name}"
+
+
+# What the campaign ran, for the terminal summary (conftest.py): one line.
+SUMMARY: pytest.StashKey[str] = pytest.StashKey()
 
 
 class BuildError(Exception):
