@@ -627,36 +627,14 @@ static inline uint8_t *fz_tcp_segment(uint32_t n, uint32_t seq, uint8_t flags, u
 }
 
 /* ---------------------------------------------------------------------------------------------
- * API shims: the calls whose signatures changed with the ingress source check (fastpath.h
- * defines FP_PEER_CHECK_OFF since then); the harnesses call these, so that they build against
- * either version of the contract.
+ * fp_ctx_init with the source check off and no local subnet, unless told
  * ------------------------------------------------------------------------------------------ */
-#ifdef FP_PEER_CHECK_OFF
-#define FZ_HAVE_PEER_CHECK 1
 static inline int fz_ctx_init_full(fp_ctx *cx, uint32_t local_ip, uint32_t mtu, uint32_t pp,
                                    uint32_t rate, uint32_t burst, uint32_t local_net,
                                    uint32_t local_plen, uint32_t peer_check)
 {
     return fp_ctx_init(cx, local_ip, mtu, pp, rate, burst, local_net, local_plen, peer_check);
 }
-#define fz_ingress(cx, rt, pkt, len, src, now, reply, rlen) \
-    fp_ingress(cx, rt, pkt, len, src, now, reply, rlen)
-#define fz_udp_to_tun(cx, rt, b, ufd, tfd, budget) fp_udp_to_tun(cx, rt, b, ufd, tfd, budget)
-#else
-#define FZ_HAVE_PEER_CHECK 0
-#define FP_PEER_CHECK_OFF 0
-static inline int fz_ctx_init_full(fp_ctx *cx, uint32_t local_ip, uint32_t mtu, uint32_t pp,
-                                   uint32_t rate, uint32_t burst, uint32_t local_net,
-                                   uint32_t local_plen, uint32_t peer_check)
-{
-    (void)local_net, (void)local_plen, (void)peer_check;
-    return fp_ctx_init(cx, local_ip, mtu, pp, rate, burst);
-}
-#define fz_ingress(cx, rt, pkt, len, src, now, reply, rlen) \
-    ((void)(rt), (void)(src), fp_ingress(cx, pkt, len, now, reply, rlen))
-#define fz_udp_to_tun(cx, rt, b, ufd, tfd, budget) \
-    ((void)(rt), fp_udp_to_tun(cx, b, ufd, tfd, budget))
-#endif
 static inline int fz_ctx_init(fp_ctx *cx, uint32_t local_ip, uint32_t mtu, uint32_t per_packet,
                               uint32_t rate, uint32_t burst)
 {

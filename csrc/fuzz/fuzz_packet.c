@@ -166,12 +166,10 @@ static ref_t ref_decide(int egress, const route_t *routes, int nroutes, bucket_t
 {
     ref_t r = { .verdict = FP_DROP, .reason = -1, .len = n };
     uint32_t local = c->local, mtu = c->mtu;
-#if FZ_HAVE_PEER_CHECK
     if (!egress && c->peer_check != FP_PEER_CHECK_OFF && ref_peer(routes, nroutes, src_ip, 0) < 0) {
         r.reason = FP_DROP_UNKNOWN_PEER;
         return r;
     }
-#endif
     if (n < 20) { r.reason = FP_DROP_TOO_SHORT; return r; }
     if (p[0] >> 4 != 4) { r.reason = FP_DROP_NOT_IPV4; return r; }
     uint32_t ihl = (uint32_t)(p[0] & 15) * 4, tot = g16(p + 2);
@@ -180,15 +178,12 @@ static ref_t ref_decide(int egress, const route_t *routes, int nroutes, bucket_t
     r.len = tot;
     if (tot > mtu) {
         r.reason = FP_DROP_OVERSIZE;
-#if FZ_HAVE_PEER_CHECK
         /* RFC 1191: fragmentation needed, the mtu as next-hop MTU, for DF and a good header */
         if (egress && (g16(p + 6) & 0x4000) && ref_csum(p, ihl) == 0)
             ref_answer(&r, b, local, p, tot, now, 3, 4, (uint16_t)mtu);
-#endif
         return r;
     }
     if (ref_csum(p, ihl) != 0) { r.reason = FP_DROP_BAD_CHECKSUM; return r; }
-#if FZ_HAVE_PEER_CHECK
     if (!egress && c->peer_check == FP_PEER_CHECK_STRICT) {
         uint32_t dst = g32(p + 16);
         if (ref_peer(routes, nroutes, src_ip, g32(p + 12)) != 1) {
@@ -200,9 +195,6 @@ static ref_t ref_decide(int egress, const route_t *routes, int nroutes, bucket_t
             return r;
         }
     }
-#else
-    (void)src_ip;
-#endif
     if (p[8] <= 1) {
         r.reason = FP_DROP_TTL_EXCEEDED;
         ref_answer(&r, b, local, p, tot, now, 11, 0, 0);
@@ -231,17 +223,13 @@ static int check_ctx_init(fp_ctx *cx, const conf_t *c, uint32_t plen, uint32_t p
     memset(cx, 0xa5, sizeof(*cx));
     int rc = fz_ctx_init_full(cx, local, mtu, pp, rate, burst, c->local_net, plen, c->peer_check);
     int ok = mtu >= 68 && mtu <= 65535;
-#if FZ_HAVE_PEER_CHECK
     ok = ok && plen <= 32 && !(c->local_net & ~mask_of(plen)) && c->peer_check <= FP_PEER_CHECK_STRICT;
-#endif
     CHECK(rc == (ok ? 0 : -EINVAL), "fp_ctx_init(mtu=%u, %08x/%u, peer_check %u) returned %d",
           mtu, c->local_net, plen, c->peer_check, rc);
     if (!ok)
         return 0;
-#if FZ_HAVE_PEER_CHECK
     CHECK(cx->local_net == c->local_net && cx->local_mask == mask_of(plen)
               && cx->peer_check == c->peer_check, "fp_ctx_init: local subnet or peer check");
-#endif
     CHECK(cx->local_ip == local && cx->mtu == mtu && cx->per_packet == (pp != 0)
               && cx->icmp_rate == rate && cx->icmp_burst == burst && cx->icmp_tokens == burst
               && cx->icmp_last_ns == 0 && cx->udp_gso == 0 && cx->udp_gro == 0 && cx->vnet == 0,
@@ -356,7 +344,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fp_stats before = cx.stats;
         ref_t r = ref_decide(egress, routes, nroutes, &bucket, &c, orig, p.len, src_ip, now);
         int v = egress ? fp_egress(&cx, rt, p.buf, &len, now, &hop, reply, &rlen)
-                       : fz_ingress(&cx, rt, p.buf, &len, src_ip, now, reply, &rlen);
+                       : fp_ingress(&cx, rt, p.buf, &len, src_ip, now, reply, &rlen);
         const char *dir = egress ? "egress" : "ingress";
 
         CHECK(v == r.verdict, "%s verdict %d, want %d (reason %d, %u bytes)", dir, v, r.verdict,

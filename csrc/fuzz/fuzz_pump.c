@@ -336,14 +336,12 @@ static void model_egress_frame(fp_ctx *tw, const uint8_t *frame, uint32_t len, c
         M.inputs++;
         M.rx_bytes += len > FP_VNET_HDR_LEN ? len - FP_VNET_HDR_LEN : 0;
         M.drops[n == -EMSGSIZE ? FP_DROP_OVERSIZE : FP_DROP_BAD_OFFLOAD]++;
-#if FZ_HAVE_PEER_CHECK
         uint8_t reply[FP_REPLY_MAX];
         uint32_t rl = 0;
         if (n == -EMSGSIZE
             && fp_egress_too_big(tw, frame + FP_VNET_HDR_LEN, len - FP_VNET_HDR_LEN, 0, reply, &rl)
                    == FP_REPLY)
             model_reply(reply, rl, 1);
-#endif
     } else {
         uint8_t *o = out;
         for (int k = 0; k < n; k++) {
@@ -364,10 +362,8 @@ static void model_ingress_one(fp_ctx *tw, const uint8_t *d, uint32_t len, int fr
     M.rx_bytes += len; /* its real length, also when the kernel cut it */
     if (len > s->slot_size) { /* cut by the kernel: oversize, or the stranger refused first */
         int why = FP_DROP_OVERSIZE;
-#if FZ_HAVE_PEER_CHECK
         if (tw->peer_check != FP_PEER_CHECK_OFF && fp_routes_peer(rt, src, 0) < 0)
             why = FP_DROP_UNKNOWN_PEER;
-#endif
         M.drops[why]++;
         return;
     }
@@ -375,7 +371,7 @@ static void model_ingress_one(fp_ctx *tw, const uint8_t *d, uint32_t len, int fr
     uint32_t l = len, rl = 0;
     uint64_t before[FP_DROP_REASONS];
     memcpy(before, tw->stats.ingress.drops, sizeof(before));
-    int v = fz_ingress(tw, rt, p, &l, src, 0, reply, &rl);
+    int v = fp_ingress(tw, rt, p, &l, src, 0, reply, &rl);
     for (int i = 0; i < FP_DROP_REASONS; i++)
         M.drops[i] += tw->stats.ingress.drops[i] - before[i];
     if (v == FP_FORWARD && S.tun_full) {
@@ -674,7 +670,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fp_dir_stats *bst = s.egress ? &before.egress : &before.ingress;
     if (!ok) {
         int rc = s.egress ? fp_tun_to_udp(&cx, rt, &eb, tun_pump, sock, s.budget)
-                          : fz_udp_to_tun(&cx, rt, &ib, sock, tun_pump, s.budget);
+                          : fp_udp_to_tun(&cx, rt, &ib, sock, tun_pump, s.budget);
         CHECK(rc == -EINVAL, "a batch outside fastpath.h's rules (%u x %u, aux %u%s): %d", s.nslots,
               s.slot_size, s.aux_size, s.aux_null ? " NULL" : "", rc);
         CHECK(memcmp(&cx.stats, &before, sizeof(before)) == 0, "-EINVAL, yet something was counted");
@@ -705,7 +701,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         bound += (128 - 1) * (s.budget < (int)s.nslots ? s.budget : (int)s.nslots);
     for (int tries = 0; st->rx_packets - bst->rx_packets < M.inputs && tries < 2000; tries++) {
         int rc = s.egress ? fp_tun_to_udp(&cx, rt, &eb, tun_pump, sock, s.budget)
-                          : fz_udp_to_tun(&cx, rt, &ib, sock, tun_pump, s.budget);
+                          : fp_udp_to_tun(&cx, rt, &ib, sock, tun_pump, s.budget);
         CHECK(rc >= 0 && rc <= bound, "pump returned %d (budget %d)", rc, s.budget);
         if (rc == 0)
             wait_readable(s.egress ? tun_pump : sock, 1);
@@ -715,7 +711,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     /* collect what came out */
     if (s.egress) {
-        for (int t = 0; t < 200 && G.fwd.n < M.fwd.n; t++) {
+        for (int t = 0; t < 2000 && G.fwd.n < M.fwd.n; t++) {
             drain_into(peer, &G.fwd);
             if (G.fwd.n < M.fwd.n)
                 wait_readable(peer, 1);
@@ -754,7 +750,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 want_p++;
         }
         blist gp = { 0 }, gs = { 0 }, mp = { 0 }, ms2 = { 0 };
-        for (int t = 0; t < 200 && (gp.n < want_p || gs.n < want_s); t++) {
+        for (int t = 0; t < 2000 && (gp.n < want_p || gs.n < want_s); t++) {
             drain_into(peer, &gp);
             drain_into(stranger, &gs);
             if (gp.n < want_p || gs.n < want_s)

@@ -103,7 +103,6 @@ static void do_del(fp_routes *rt, uint32_t net, uint32_t plen)
         model[at] = model[--nmodel];
 }
 
-#if FZ_HAVE_PEER_CHECK
 static void do_peer(const fp_routes *rt, uint32_t ip, uint32_t addr)
 {
     int known = 0, in = 0;
@@ -147,11 +146,6 @@ static void do_peer_count(const fp_routes *rt)
     }
     CHECK(fp_routes_peer_count(rt) == want, "peer_count %d, want %d", fp_routes_peer_count(rt), want);
 }
-#else
-static void do_peer(const fp_routes *rt, uint32_t ip, uint32_t addr) { (void)rt, (void)ip, (void)addr; }
-static void do_peer_subnets(const fp_routes *rt, uint32_t ip, uint32_t max) { (void)rt, (void)ip, (void)max; }
-static void do_peer_count(const fp_routes *rt) { (void)rt; }
-#endif
 
 /* Next hops: a few public IPs that many routes share (a peer with several subnets), or any. */
 static uint32_t pick_peer(fz_in *in)
