@@ -81,7 +81,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             uint32_t optw = kind & 0x10 ? 3 : kind & 0x20 ? in_u8(&in) % 11 : 0;
             uint32_t seq = in_u32(&in), last = mss - in_u16(&in) % (mss + 1);
             uint8_t flags = T_ACK | (kind & 0x40 ? T_PSH : 0);
-            for (uint32_t i = 0; i < k && n < MAX_PKTS; i++) {
+            uint32_t added = 0; /* the list may fill up before k: tweak only this run's */
+            for (uint32_t i = 0; i < k && n < MAX_PKTS; i++, added++) {
                 uint32_t pay = i == k - 1 ? last : mss;
                 if (20 + 20 + optw * 4 + pay > 65535)
                     pay = 1000;
@@ -90,8 +91,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 seq += pay;
                 n++;
             }
-            for (uint32_t t = in_u8(&in) % 4; t && n; t--) { /* change something somewhere */
-                uint32_t at = n - 1 - in_u8(&in) % (k < n ? k : n);
+            for (uint32_t t = in_u8(&in) % 4; t && added; t--) { /* change something */
+                uint32_t at = n - 1 - in_u8(&in) % added;
                 tweak(&in, pk[at], pl[at]);
             }
         } else if (kind % 4 == 2) {
