@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from cluster_helpers import needs_cluster
+from cluster_helpers import needs_cluster, stop_all_exit_zero
 
 from udpbackend.lab.addressing import OVERLAY_NETWORK
 from udpbackend.lab.cluster import Cluster, lease_value
@@ -44,16 +44,6 @@ def report(what: str, **figures: float | str) -> None:
         f"{k}={v:.3f}s" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()
     )
     print(f"\n[faults] {what}: {parts}")
-
-
-def stop_all_clean(cl: Cluster) -> None:
-    """SIGTERM every running daemon; each must exit 0."""
-    errors = []
-    for node in cl.running():
-        rc = node.stop(check=False)
-        if rc != 0:
-            errors.append(f"n{node.index} exited {rc}\n{node.log_tail()}")
-    assert not errors, "\n".join(errors)
 
 
 _REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from [^:]+: icmp_seq=(\d+) ", re.MULTILINE)
@@ -170,7 +160,7 @@ def _cluster() -> Iterator[Cluster]:
             cl.start_etcd_node(i)
         cl.wait_converged()
         yield cl
-        stop_all_clean(cl)
+        stop_all_exit_zero(cl)
     finally:
         cl.close()
 
@@ -435,4 +425,4 @@ def test_etcd_leader_killed_no_disruption() -> None:
         for a, b in [(0, 3), (3, 0), (1, 2)]:
             r = cl.ping_nodes(a, b, count=3, interval=0.02)
             assert r.received == 3, r.output
-        stop_all_clean(cl)
+        stop_all_exit_zero(cl)
