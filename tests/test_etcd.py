@@ -354,6 +354,27 @@ def test_outage_raises_unavailable_then_resume_loses_nothing(etcd_server: EtcdSe
     run(main())
 
 
+def test_first_call_after_an_outage_dials_at_once(etcd_server: EtcdServer) -> None:
+    """A channel that failed to connect sits in gRPC's reconnect backoff and fails every call
+    until its timer fires: the registry drops it, so the first call once the server answers
+    succeeds (no second round of backoff on top of the caller's)."""
+
+    async def main() -> None:
+        async with registry(etcd_server) as reg:
+            await reg.get_config()
+            etcd_server.kill()
+            for _ in range(8):  # several failed dials: gRPC's backoff at its cap
+                with pytest.raises(RegistryUnavailable):
+                    await reg.get_config()
+                await asyncio.sleep(0.15)
+            etcd_server.restart()
+            t0 = time.monotonic()
+            assert await reg.get_config() is None  # the very first call, no retry
+            assert time.monotonic() - t0 < 1.0
+
+    run(main())
+
+
 def test_silent_server_times_out_instead_of_hanging(etcd_server: EtcdServer) -> None:
     """A stopped (SIGSTOP) server keeps its sockets open, so nothing is refused: every call
     must give up after the registry's timeout.  (An open watch notices by keepalive, ~15 s.)"""

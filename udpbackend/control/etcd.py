@@ -39,8 +39,9 @@ T = TypeVar("T")
 
 # gRPC channel settings.  The stock reconnect backoff grows to 120 s, so after a long outage
 # the channel could sit in TRANSIENT_FAILURE for minutes after etcd is back: cap it at
-# 0.5 s: the watch's own retry (control.manager.RECONNECT_MAX) runs after it, and the two in
-# series must stay under a second for a join after an outage to be learned within one.
+# 0.5 s.  Even so a failed call drops a channel found in TRANSIENT_FAILURE (a CI run saw one
+# wait 8 s on a loaded machine), so the retry after it (control.manager.RECONNECT_MAX) dials
+# afresh and a join after an outage is learned within a second.
 # Keepalive pings on active streams notice a silent peer (partition, SIGSTOP) in ~15 s; 10 s
 # stays above etcd's --grpc-keepalive-min-time (5 s), and no pings without calls (etcd's
 # enforcement policy does not permit them).
@@ -328,6 +329,22 @@ class EtcdRegistry:
             except Exception as e:  # closing a broken channel: nothing to do about it
                 log.debug("etcd %s: close: %r", self._endpoints[idx].url, e)
 
+    async def _drop_if_backing_off(self, idx: int) -> None:
+        """A channel that failed to connect waits out gRPC's reconnect backoff (up to
+        max_reconnect_backoff_ms, jittered, and longer when the process is starved) and fails
+        every call meanwhile: drop it, so the caller's next retry dials at once."""
+        client = self._clients.get(idx)
+        channel = getattr(client, "channel", None) if client is not None else None
+        if channel is None:
+            return
+        try:
+            state = channel.get_state(try_to_connect=False)
+        except Exception as e:  # a closed channel: it goes either way
+            log.debug("etcd %s: channel state: %r", self._endpoints[idx].url, e)
+            state = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            await self._drop_client(idx)
+
     def _translate(self, exc: BaseException, idx: int, what: str) -> Exception:
         code, details = _rpc_status(exc)
         where = f"etcd {self._endpoints[idx].url}: {what}"
@@ -368,6 +385,7 @@ class EtcdRegistry:
                     err = self._translate(exc, idx, what)
                     if not isinstance(err, RegistryUnavailable):
                         raise err from exc
+                    await self._drop_if_backing_off(idx)
                     failures.append(str(err))
                     if n > 1:
                         log.warning("%s; trying the next endpoint", err)

@@ -335,9 +335,9 @@ class LocalManager:
                     relisted = True
                     continue  # re-list at once; compacted again before any response: back off
             except RegistryUnavailable as exc:
+                log.debug("subnet watch: registry unavailable (retry in %.2fs): %s", backoff, exc)
                 if connected:
                     connected = False
-                    log.debug("subnet watch: registry unavailable: %s", exc)
                     if on_state is not None:
                         on_state(False)
             await self.sleep(backoff)
