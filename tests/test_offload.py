@@ -414,6 +414,7 @@ COALESCE = [
     ("with-options", flow([MSS] * 6, opts=TS_OPTS), [6]),
     ("ip-options", _flow_with(2, ipopts=b"\x01" * 4), [2, 1, 3]),
     ("ip-fragment", _flow_with(2, flags_frag=DF | 0x2000), [2, 1, 3]),
+    ("ip-reserved-bit", _flow_with(2, flags_frag=DF | 0x8000), [2, 1, 3]),
     ("no-df-flow", flow([MSS] * 6, flags_frag=0), [6]),
     (
         "ip-id-ignored",

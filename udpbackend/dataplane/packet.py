@@ -676,13 +676,14 @@ def gso_split(buf: bytes | bytearray, mtu: int, max_segs: int = 1024) -> list[by
 
 def _gro_candidate(p: bytes) -> int:
     """The TCP header length of a segment that may be merged (option-less IPv4, not a
-    fragment, payload, ACK and none of SYN/FIN/RST/URG/ECE/CWR, TCP checksum valid), or 0."""
+    fragment and no IP flag but DF, payload, ACK and none of SYN/FIN/RST/URG/ECE/CWR, TCP
+    checksum valid), or 0."""
     n = len(p)
     if (
         n < 40
         or p[0] != 0x45
         or p[9] != _IPPROTO_TCP
-        or ((p[6] << 8) | p[7]) & 0x3FFF
+        or ((p[6] << 8) | p[7]) & ~_IP_DF & 0xFFFF
         or ((p[2] << 8) | p[3]) != n
     ):
         return 0
