@@ -33,6 +33,10 @@ static inline void wle16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (ui
 #define IP_OFF_CSUM 10
 #define IP_OFF_SRC 12
 #define IP_OFF_DST 16
+/* The 16-bit flags/fragment-offset word at IP_OFF_FRAG. */
+#define IP_DF 0x4000u        /* don't fragment */
+#define IP_FRAG_BITS 0x3fffu /* MF and the offset: nonzero in every fragment */
+#define IP_NOT_DF 0xbfffu    /* the reserved bit and the fragment bits: all but DF */
 #define IPPROTO_ICMP_ 1
 
 /* One's-complement sum (RFC 1071) of buf[0:len], as 16-bit big-endian words, added to sum;

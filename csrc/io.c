@@ -284,7 +284,7 @@ static int same_flow(const struct iovec *a, const struct iovec *b)
     if (p[IP_OFF_PROTO] != 6 && p[IP_OFF_PROTO] != 17)
         return 1;
     uint32_t ha = (p[0] & 0xfu) * 4, hb = (q[0] & 0xfu) * 4;
-    int frag_a = (rd16(p + IP_OFF_FRAG) & 0x3fff) != 0, frag_b = (rd16(q + IP_OFF_FRAG) & 0x3fff) != 0;
+    int frag_a = (rd16(p + IP_OFF_FRAG) & IP_FRAG_BITS) != 0, frag_b = (rd16(q + IP_OFF_FRAG) & IP_FRAG_BITS) != 0;
     if (frag_a || frag_b)
         return frag_a == frag_b;
     if (a->iov_len < ha + 4 || b->iov_len < hb + 4)

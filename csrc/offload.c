@@ -98,7 +98,7 @@ static int parse_super(const uint8_t *buf, uint32_t len, uint32_t mtu, super_t *
     /* hdr_len from the kernel is not trusted (it may cover the whole first packet on the
      * forwarding path): the header length comes from the headers themselves. */
     uint32_t hl = sp->hl = ihl + sp->l4h;
-    if (hl > plen || sp->gso == 0 || (rd16(pkt + IP_OFF_FRAG) & 0x3fff) != 0)
+    if (hl > plen || sp->gso == 0 || (rd16(pkt + IP_OFF_FRAG) & IP_FRAG_BITS) != 0)
         return -EINVAL;
     uint32_t pay = sp->pay = plen - hl;
     if (hl + (pay < sp->gso ? pay : sp->gso) > mtu)
@@ -223,7 +223,7 @@ int fp_gso_split_hdrs(uint8_t *buf, uint32_t len, uint32_t mtu, uint8_t *hdrs, u
 static uint32_t gro_candidate(const uint8_t *p, uint32_t len)
 {
     if (len < 40 || p[0] != 0x45 || p[IP_OFF_PROTO] != IPPROTO_TCP_
-        || (rd16(p + IP_OFF_FRAG) & 0xbfff) != 0 || rd16(p + IP_OFF_TOTLEN) != len)
+        || (rd16(p + IP_OFF_FRAG) & IP_NOT_DF) != 0 || rd16(p + IP_OFF_TOTLEN) != len)
         return 0;
     const uint8_t *t = p + 20;
     uint32_t thl = (uint32_t)(t[12] >> 4) * 4;

@@ -169,7 +169,7 @@ int fp_egress_too_big(fp_ctx *cx, const uint8_t *pkt, uint32_t len, uint64_t now
     if (len < 20 || (pkt[0] >> 4) != 4)
         return FP_DROP;
     uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4;
-    if (ihl < 20 || ihl > len || !(rd16(pkt + IP_OFF_FRAG) & 0x4000) || fp_checksum(pkt, ihl) != 0)
+    if (ihl < 20 || ihl > len || !(rd16(pkt + IP_OFF_FRAG) & IP_DF) || fp_checksum(pkt, ihl) != 0)
         return FP_DROP;
     uint32_t tot = rd16(pkt + IP_OFF_TOTLEN);
     return answer(cx, pkt, tot >= ihl && tot < len ? tot : len, now_ns, 3, 4, reply, reply_len);

@@ -36,7 +36,7 @@ int fp_reuseport_steer(int udp_fd, uint32_t nsocks)
         /*  6 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 6, 1, 0),       /* TCP: to 8 */
         /*  7 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 17, 0, 7),      /* not UDP: to 15 */
         /*  8 */ BPF_STMT(BPF_LD | BPF_H | BPF_ABS, IP_OFF_FRAG),    /* A = flags + offset */
-        /*  9 */ BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, 0x3fff, 5, 0), /* a fragment: to 15 */
+        /*  9 */ BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, IP_FRAG_BITS, 5, 0), /* a fragment: to 15 */
         /* 10 */ BPF_STMT(BPF_LDX | BPF_B | BPF_MSH, 0),             /* X = IHL * 4 */
         /* 11 */ BPF_STMT(BPF_LD | BPF_W | BPF_IND, 0),              /* A = both ports */
         /* 12 */ BPF_STMT(BPF_LDX | BPF_MEM, 0),                     /* X = M[0] */

@@ -106,7 +106,9 @@ _ICMP_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))  # RFC 792/1122: never answer a
 _ICMP_DEST_UNREACH = 3
 _ICMP_FRAG_NEEDED = 4  # the code of dest-unreachable "fragmentation needed and DF set"
 _ICMP_TIME_EXCEEDED = 11
-_IP_DF = 0x4000
+_IP_DF = 0x4000  # IP_DF, IP_FRAG_BITS, IP_NOT_DF: the flags/fragment word's masks
+_IP_FRAG_BITS = 0x3FFF
+_IP_NOT_DF = 0xBFFF
 _SEND_WAIT_MS = 5  # how long a full socket may stay full before the packet is dropped
 
 
@@ -643,7 +645,7 @@ def gso_split(buf: bytes | bytearray, mtu: int, max_segs: int = 1024) -> list[by
         raise ValueError(f"gso_type {b[1]:#x} does not fit protocol {proto}")
     # hdr_len is not trusted: the header length comes from the headers themselves.
     hl = ihl + l4h
-    if hl > plen or gso == 0 or ((pkt[6] << 8) | pkt[7]) & 0x3FFF:
+    if hl > plen or gso == 0 or ((pkt[6] << 8) | pkt[7]) & _IP_FRAG_BITS:
         raise ValueError("headers cut short, gso_size 0 or a fragment")
     pay = plen - hl
     if hl + min(pay, gso) > mtu:
@@ -683,7 +685,7 @@ def _gro_candidate(p: bytes) -> int:
         n < 40
         or p[0] != 0x45
         or p[9] != _IPPROTO_TCP
-        or ((p[6] << 8) | p[7]) & ~_IP_DF & 0xFFFF
+        or ((p[6] << 8) | p[7]) & _IP_NOT_DF
         or ((p[2] << 8) | p[3]) != n
     ):
         return 0
@@ -779,7 +781,7 @@ def steer_index(pkt: bytes | bytearray, nsocks: int) -> int:
     if len(pkt) < 20:
         return 0
     h = int.from_bytes(pkt[12:16], "big") ^ int.from_bytes(pkt[16:20], "big")
-    frag = int.from_bytes(pkt[6:8], "big") & 0x3FFF
+    frag = int.from_bytes(pkt[6:8], "big") & _IP_FRAG_BITS
     if pkt[9] in (_IPPROTO_TCP, _IPPROTO_UDP) and not frag:
         at = (pkt[0] & 0xF) * 4
         if len(pkt) < at + 4:
