@@ -91,6 +91,28 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * len(s)) - 1))]
 
 
+def split_hops(
+    seen: dict[tuple[str, str], dict[tuple[str, int], float]],
+) -> tuple[dict[str, list[float]], int]:
+    """Each hop's delays in ms over the pings seen at all eight points (node, capture, kind),
+    and how many those were; a ping missing anywhere (lost, or missed by a capture) is left out."""
+    points = sorted({p for _, a, b in HOPS for p in (a, b)})
+    hops: dict[str, list[float]] = {name: [] for name, _, _ in HOPS}
+    complete = 0
+    for seq in sorted({seq for kind, seq in seen.get(("a", "tun"), {}) if kind == "req"}):
+        stamps: dict[tuple[str, str, str], float] = {}
+        for n, w, k in points:
+            ts = seen.get((n, w), {}).get((k, seq))
+            if ts is None:
+                break
+            stamps[(n, w, k)] = ts
+        else:
+            complete += 1
+            for name, a, b in HOPS:
+                hops[name].append((stamps[b] - stamps[a]) * 1e3)
+    return hops, complete
+
+
 def one_run(
     extra: list[str], seconds: int, pings: int, interval: float, work: Path
 ) -> dict[str, Any]:
@@ -124,20 +146,7 @@ def one_run(
         for proc, *_ in caps:
             proc.wait(5)
         seen = {(node, where): echoes(path, where == "wire") for _, path, node, where in caps}
-    hops: dict[str, list[float]] = {name: [] for name, _, _ in HOPS}
-    seqs = {seq for (kind, seq) in seen[("a", "tun")] if kind == "req"}
-    complete = 0
-    for seq in sorted(seqs):
-        stamps = {}
-        for node, where, kind in {p for _, a, b in HOPS for p in (a, b)}:
-            ts = seen[(node, where)].get((kind, seq))
-            if ts is not None:
-                stamps[(node, where, kind)] = ts
-        if len(stamps) < 6:
-            continue  # lost, or caught by one capture only
-        complete += 1
-        for name, a, b in HOPS:
-            hops[name].append((stamps[b] - stamps[a]) * 1e3)
+    hops, complete = split_hops(seen)
     return {
         "tcp_gbps": round(result["tcp"].bits_per_second / 1e9, 3),
         "retransmits": result["tcp"].retransmits,
