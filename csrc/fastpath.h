@@ -353,8 +353,7 @@ int fp_run(fp_ctx *cx, const fp_routes *rt, fp_batch *egress, fp_batch *ingress,
  * packet.  A round calls fp_udp_to_tun for udp_fd and fp_tun_to_udp for tun_fd (each with
  * `budget`; the first round both, later rounds the fds epoll reported, and the TUN again after
  * datagrams were written into it: a reply that lands meanwhile needs no new round of either
- * loop), then waits in epoll_wait(ep_fd): 0 ms after a round that moved packets, else up to
- * linger_ms.  ep_fd is the caller's own epoll set watching exactly tun_fd, udp_fd and ctl_fd
+ * loop), then waits in epoll_wait(ep_fd) up to linger_ms (no wait when an fd is readable).  ep_fd is the caller's own epoll set watching exactly tun_fd, udp_fd and ctl_fd
  * (EPOLLIN, level-triggered); ctl_fd is the caller's "work for this thread" signal and is not
  * read here.  Returns the packets moved (>= 0, saturating at INT32_MAX) once linger_ms pass
  * without a packet or ctl_fd is readable, or -errno of a failed pump or epoll_wait.  Blocks up

@@ -812,29 +812,27 @@ int fp_serve(fp_ctx *cx, const fp_routes *rt, fp_batch *egress, fp_batch *ingres
     int64_t total = 0;
     int want_udp = 1, want_tun = 1;
     for (;;) {
-        int moved = 0;
         if (want_udp) {
             int n = fp_udp_to_tun(cx, rt, ingress, udp_fd, tun_fd, budget);
             if (n < 0)
                 return n;
-            moved += n;
+            total += n;
             want_tun |= n > 0; /* what was written may have been answered already */
         }
         if (want_tun) {
             int n = fp_tun_to_udp(cx, rt, egress, tun_fd, udp_fd, budget);
             if (n < 0)
                 return n;
-            moved += n;
+            total += n;
         }
-        total += moved;
         struct epoll_event evs[3];
         int n;
-        do
-            n = epoll_wait(ep_fd, evs, 3, moved ? 0 : linger_ms);
+        do /* level-triggered: at once when an fd is readable, so no 0 ms poll first */
+            n = epoll_wait(ep_fd, evs, 3, linger_ms);
         while (n < 0 && errno == EINTR);
         if (n < 0)
             return -errno;
-        if (n == 0 && !moved)
+        if (n == 0)
             break;
         want_udp = want_tun = 0;
         for (int i = 0; i < n; i++) {

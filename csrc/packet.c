@@ -175,18 +175,13 @@ int fp_egress_too_big(fp_ctx *cx, const uint8_t *pkt, uint32_t len, uint64_t now
     return answer(cx, pkt, tot >= ihl && tot < len ? tot : len, now_ns, 3, 4, reply, reply_len);
 }
 
-/* Step 1 and (egress: step 2; ingress: after the source check) the TTL. */
-static int common(fp_ctx *cx, fp_dir_stats *st, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
-                  uint8_t *reply, uint32_t *reply_len)
+/* Step 1, counted in st: the drop reason, or -1 for a valid header. */
+static int valid(fp_ctx *cx, fp_dir_stats *st, uint8_t *pkt, uint32_t *len)
 {
     int why = validate(cx, pkt, len);
-    if (why >= 0) {
+    if (why >= 0)
         st->drops[why]++;
-        if (why == FP_DROP_OVERSIZE && st == &cx->stats.egress)
-            return fp_egress_too_big(cx, pkt, *len, now_ns, reply, reply_len);
-        return FP_DROP;
-    }
-    return -1;
+    return why;
 }
 
 static int ttl_expired(fp_ctx *cx, fp_dir_stats *st, const uint8_t *pkt, uint32_t len,
@@ -201,9 +196,11 @@ static int ttl_expired(fp_ctx *cx, fp_dir_stats *st, const uint8_t *pkt, uint32_
 int fp_egress(fp_ctx *cx, const fp_routes *rt, uint8_t *pkt, uint32_t *len, uint64_t now_ns,
               fp_hop *hop, uint8_t *reply, uint32_t *reply_len)
 {
-    int v = common(cx, &cx->stats.egress, pkt, len, now_ns, reply, reply_len);
-    if (v < 0)
-        v = ttl_expired(cx, &cx->stats.egress, pkt, *len, now_ns, reply, reply_len);
+    int why = valid(cx, &cx->stats.egress, pkt, len);
+    if (why >= 0) /* a DF packet over the mtu is answered, as a router would */
+        return why == FP_DROP_OVERSIZE ? fp_egress_too_big(cx, pkt, *len, now_ns, reply, reply_len)
+                                       : FP_DROP;
+    int v = ttl_expired(cx, &cx->stats.egress, pkt, *len, now_ns, reply, reply_len);
     if (v >= 0)
         return v;
     if (fp_routes_lookup(rt, rd32(pkt + IP_OFF_DST), hop) < 0) {
@@ -267,9 +264,8 @@ int fp_ingress(fp_ctx *cx, const fp_routes *rt, uint8_t *pkt, uint32_t *len, uin
             why = FP_DROP_UNKNOWN_PEER;
     }
     if (why < 0) {
-        int v = common(cx, st, pkt, len, now_ns, reply, reply_len);
-        if (v >= 0)
-            return v;
+        if (valid(cx, st, pkt, len) >= 0)
+            return FP_DROP;
         why = inner_check(cx, pkt, from);
     }
     if (why >= 0) {
