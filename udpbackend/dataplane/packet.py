@@ -477,16 +477,13 @@ def _too_big(cx: Context, pkt: bytearray, length: int, now_ns: int) -> bytes | N
 #   not detectable - a datagram with a peer's address forged as its source and a packet that
 #     peer could have sent: flannel's wire format has no authentication; reverse-path
 #     filtering or an underlay that drops spoofed sources must stop it.
-def _source_check(cx: Context, routes: Routes, pkt: bytearray, src_ip: int | None) -> int:
-    """fp_ingress's source check: step 0 (pkt None: the outer address alone) or step 1b; a
+def _inner_check(cx: Context, pkt: bytearray, from_peer: bool | None) -> int:
+    """Step 1b, strict only (inner_check): the inner addresses of a valid header against who
+    sent it; from_peer is Routes.from_peer's answer for the sender and the inner source.  A
     drop reason, or -1."""
-    if cx._check == _CHECK_OFF or src_ip is None:
+    if cx._check != _CHECK_STRICT:
         return -1
-    if routes._peers.get(src_ip) is None:
-        return _UNKNOWN_PEER
-    if cx._check != _CHECK_STRICT or not pkt:
-        return -1
-    if not routes.from_peer(src_ip, int.from_bytes(pkt[12:16], "big")):
+    if not from_peer:
         return _SPOOFED_SOURCE
     dst = int.from_bytes(pkt[16:20], "big")
     if dst & cx.local_mask != cx.local_net and dst != cx.local_ip:
@@ -505,15 +502,20 @@ def _decide(
 ) -> Decision:
     """egress when src_ip is None, else ingress of a datagram from src_ip."""
     ingress = src_ip is not None
-    if ingress and _source_check(cx, routes, bytearray(), src_ip) >= 0:
-        st.drops[_UNKNOWN_PEER] += 1
-        return Decision(DROP, n, None, None)
+    from_peer: bool | None = True
+    if src_ip is not None and cx._check != _CHECK_OFF:
+        # One peer-table lookup answers steps 0 and 1b: the inner source is read before the
+        # header is validated (validation changes no byte), and used only once it has been.
+        from_peer = routes.from_peer(src_ip, int.from_bytes(pkt[12:16], "big") if n >= 20 else 0)
+        if from_peer is None:
+            st.drops[_UNKNOWN_PEER] += 1
+            return Decision(DROP, n, None, None)
     ihl, length = _validate(cx, st, pkt, n)
     if ihl < 0:
         # -2: oversize (the header's lengths are sound): an egress DF packet gets 3/4
         reply = _too_big(cx, pkt, length, now_ns) if ihl == -2 and not ingress else None
         return Decision(DROP if reply is None else REPLY, length, None, reply)
-    if ingress and (why := _source_check(cx, routes, pkt, src_ip)) >= 0:
+    if ingress and (why := _inner_check(cx, pkt, from_peer)) >= 0:
         st.drops[why] += 1
         return Decision(DROP, length, None, None)
     if pkt[8] <= 1:
