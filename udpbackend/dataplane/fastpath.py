@@ -207,19 +207,27 @@ def checksum(data: bytes | bytearray | memoryview) -> int:
     return int(lib.fp_checksum(ffi.from_buffer(data), len(data)))
 
 
-def egress(cx: Context, routes: Routes, pkt: bytearray, now_ns: int) -> Decision:
-    """Decide one packet read from the TUN; modifies ``pkt`` in place (TTL, checksum)."""
+def _decide(pkt: bytearray, hop: Any, call: Any) -> Decision:
+    """Run call(buf, len_ptr, reply, reply_len_ptr) -> verdict over pkt, in place; hop: the
+    fp_hop * the call fills (egress), or None."""
     buf = ffi.from_buffer(pkt, require_writable=True)
     length = ffi.new("uint32_t *", len(pkt))
     reply = ffi.new("uint8_t[]", REPLY_MAX)
     reply_len = ffi.new("uint32_t *", 0)
-    hop = ffi.new("fp_hop *")
-    v = lib.fp_egress(cx._cx, routes._rt, buf, length, now_ns, hop, reply, reply_len)
+    v = call(buf, length, reply, reply_len)
     return Decision(
         v,
         length[0],
-        (hop.ip, hop.port) if v == FORWARD else None,
+        (hop.ip, hop.port) if hop is not None and v == FORWARD else None,
         bytes(ffi.buffer(reply, reply_len[0])) if v == REPLY else None,
+    )
+
+
+def egress(cx: Context, routes: Routes, pkt: bytearray, now_ns: int) -> Decision:
+    """Decide one packet read from the TUN; modifies ``pkt`` in place (TTL, checksum)."""
+    hop = ffi.new("fp_hop *")
+    return _decide(
+        pkt, hop, lambda b, n, r, rn: lib.fp_egress(cx._cx, routes._rt, b, n, now_ns, hop, r, rn)
     )
 
 
@@ -228,13 +236,10 @@ def ingress(cx: Context, routes: Routes, pkt: bytearray, src_ip: int, now_ns: in
     against the routes' peers); modifies ``pkt`` in place (TTL, checksum)."""
     if not 0 <= src_ip <= 0xFFFFFFFF:
         raise ValueError("src_ip out of range")
-    buf = ffi.from_buffer(pkt, require_writable=True)
-    length = ffi.new("uint32_t *", len(pkt))
-    reply = ffi.new("uint8_t[]", REPLY_MAX)
-    reply_len = ffi.new("uint32_t *", 0)
-    v = lib.fp_ingress(cx._cx, routes._rt, buf, length, src_ip, now_ns, reply, reply_len)
-    return Decision(
-        v, length[0], None, bytes(ffi.buffer(reply, reply_len[0])) if v == REPLY else None
+    return _decide(
+        pkt,
+        None,
+        lambda b, n, r, rn: lib.fp_ingress(cx._cx, routes._rt, b, n, src_ip, now_ns, r, rn),
     )
 
 
