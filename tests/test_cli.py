@@ -267,3 +267,13 @@ def test_flanneld_features_we_lack_are_named_never_silent():
     ]
     fresh, _ = cli._parser()
     assert cli.unsupported_warnings(fresh.parse_args(["run"]), {}) == []
+
+
+def test_peer_check_names_are_the_data_planes() -> None:
+    """--peer-check offers exactly the checks the data plane knows (packet.PEER_CHECKS, in
+    FP_PEER_CHECK_* order), the default among them."""
+    from udpbackend import options
+    from udpbackend.dataplane import packet
+
+    assert sorted(options.PEER_CHECKS) == sorted(packet.PEER_CHECKS)
+    assert options.DEFAULT_PEER_CHECK in options.PEER_CHECKS

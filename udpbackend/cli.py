@@ -15,7 +15,7 @@ import sys
 from . import __version__
 from .control.static import build_config, parse_ip, parse_peer, read_peers_file
 from .errors import ConfigError, StartupError
-from .options import DEFAULT_LINGER_MS, MODES
+from .options import DEFAULT_LINGER_MS, DEFAULT_PEER_CHECK, MODES, PEER_CHECKS
 
 log = logging.getLogger("udpbackend")
 
@@ -181,8 +181,8 @@ def _add_run(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--peer-check",
-        default="strict",
-        choices=("strict", "peer-only", "off"),
+        default=DEFAULT_PEER_CHECK,
+        choices=PEER_CHECKS,
         help="which UDP datagrams may write into the TUN: strict (default) - sent from a "
         "peer's public IP, inner source in that peer's subnet, inner destination in this "
         "node's; peer-only - sent from a peer's public IP, inner addresses unchecked (a node "

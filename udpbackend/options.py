@@ -7,11 +7,15 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-MODES = ("batched", "per-packet", "python")
+MODES = ("batched", "per-packet", "python")  # --mode: C batched, C one packet a syscall, the twin
+# --peer-check, as the help lists them (dataplane.packet.PEER_CHECKS holds the same names in
+# the C's FP_PEER_CHECK_* order; tests/test_cli.py keeps the two sets equal).
+PEER_CHECKS = ("strict", "peer-only", "off")
+DEFAULT_PEER_CHECK = "strict"
 # How long a C pump keeps serving after its last packet before its fds go back to the event
 # loop's epoll (dataplane/forwarder.py): request/response traffic then stays in C between its
 # packets; chosen by measurement (README: Latency); 0 = one drain of both directions per wake.
-DEFAULT_LINGER_MS = 20  # --mode: C batched, C one packet a syscall, the twin
+DEFAULT_LINGER_MS = 20
 DEFAULT_ETCD_PREFIX = "/coreos.com/network"
 
 
@@ -30,7 +34,7 @@ class RunOptions:
     queues: int = 1  # TUN queues / UDP sockets / threads (IFF_MULTI_QUEUE + SO_REUSEPORT)
     rt_priority: int = 0  # > 0: the queue threads run SCHED_RR at this priority
     linger_ms: int = DEFAULT_LINGER_MS
-    peer_check: str = "strict"  # --peer-check: strict, peer-only or off (flannel: off)
+    peer_check: str = DEFAULT_PEER_CHECK  # --peer-check, one of PEER_CHECKS (flannel: off)
     ip_masq: bool = False
     ip_masq_fully_random_disable: bool = False  # plain MASQUERADE, not --random-fully
     forward_rules: bool = True
