@@ -175,7 +175,7 @@ class EtcdProcess:
             return self
         self.launch()
         try:
-            self._wait_ready(timeout)
+            self.wait_ready(timeout)
         except BaseException:
             self.kill()
             raise
@@ -194,9 +194,6 @@ class EtcdProcess:
     def wait_ready(self, timeout: float = 15.0) -> None:
         """Wait until the launched server serves a health check (EtcdNotReady if it does not
         in time, TestbedError if it exited)."""
-        self._wait_ready(timeout)
-
-    def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc is not None and self.proc.poll() is not None:
@@ -302,11 +299,7 @@ class EtcdProcess:
 
     def etcdctl(self, *args: str, input: bytes | None = None, check: bool = True) -> str:
         """Run `etcdctl <args>`; stdout as text. check: raise TestbedError on failure."""
-        res = self.etcdctl_run(list(args), input=input)
-        if check and res.returncode != 0:
-            err = res.stderr.decode(errors="replace")
-            raise TestbedError(f"etcdctl {' '.join(args)} -> {res.returncode}: {err}")
-        return res.stdout.decode(errors="replace")
+        return _stdout(self.etcdctl_run(list(args), input=input), args, check)
 
 
 class EtcdCluster:
@@ -345,19 +338,18 @@ class EtcdCluster:
 
     def _distinct_ports(self) -> None:
         """Each member's free ports were picked alone: re-pick any that another one took."""
-        taken: set[tuple[str, int]] = set()
+        taken: set[int] = set()  # one use per port number, whatever the address: never ambiguous
         for m in self.members:
             for attr, host in (("client_port", m.host), ("peer_port", "127.0.0.1")):
                 port = getattr(m, attr)
                 tries = 0
-                while (host, port) in taken or ("0.0.0.0", port) in taken:
+                while port in taken:
                     tries += 1
                     if tries > 50:
                         raise TestbedError("no distinct free ports for the etcd members")
                     port = m._free_port(host)
                 setattr(m, attr, port)
-                taken.add((host, port))
-                taken.add(("0.0.0.0", port))  # one port per number: simplest, never ambiguous
+                taken.add(port)
 
     # -- addresses --
 
@@ -442,23 +434,16 @@ class EtcdCluster:
 
     def etcdctl(self, *args: str, input: bytes | None = None, check: bool = True) -> str:
         """Run `etcdctl <args>` against the running members; stdout as text."""
-        res = self.etcdctl_run(list(args), input=input)
-        if check and res.returncode != 0:
-            err = res.stderr.decode(errors="replace")
-            raise TestbedError(f"etcdctl {' '.join(args)} -> {res.returncode}: {err}")
-        return res.stdout.decode(errors="replace")
+        return _stdout(self.etcdctl_run(list(args), input=input), args, check)
 
     def status(self) -> list[dict[str, Any]]:
         """``etcdctl endpoint status -w json`` of every running member: one dict each with
         "endpoint", "member_id", "leader" (the member id it follows), "raft_term", "revision",
         "is_leader" and the "raw" JSON."""
         eps = [m.endpoint for m in self.running_members()]
-        res = self.etcdctl_run(["endpoint", "status", "-w", "json"], endpoints=eps)
-        if res.returncode != 0:
-            err = res.stderr.decode(errors="replace")
-            raise TestbedError(f"etcdctl endpoint status -> {res.returncode}: {err}")
+        args = ["endpoint", "status", "-w", "json"]
         out = []
-        for item in json.loads(res.stdout or b"[]"):
+        for item in json.loads(_stdout(self.etcdctl_run(args, endpoints=eps), args) or "[]"):
             st = item.get("Status", {})
             header = st.get("header", {})
             member_id = int(header.get("member_id", 0))
@@ -491,6 +476,16 @@ class EtcdCluster:
             if time.monotonic() > deadline:
                 raise TestbedError(f"no single etcd leader within {timeout}s: {last}")
             time.sleep(0.05)
+
+
+def _stdout(
+    res: subprocess.CompletedProcess[bytes], args: Sequence[str], check: bool = True
+) -> str:
+    """An etcdctl run's stdout as text; check: TestbedError (with its stderr) if it failed."""
+    if check and res.returncode != 0:
+        err = res.stderr.decode(errors="replace")
+        raise TestbedError(f"etcdctl {' '.join(args)} -> {res.returncode}: {err}")
+    return res.stdout.decode(errors="replace")
 
 
 def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
