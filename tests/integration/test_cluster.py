@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from cluster_helpers import needs_cluster, stop_all_exit_zero
+from cluster_helpers import needs_cluster, revive, running_cluster
 
 from udpbackend.lab.addressing import OVERLAY_NETWORK
 from udpbackend.lab.cluster import Cluster, lease_value
@@ -32,24 +32,16 @@ pytestmark = needs_cluster()
 
 @pytest.fixture(scope="module")
 def _cluster() -> Iterator[Cluster]:
-    cl = Cluster(nodes=len(BASE), prefix=NS_PREFIX)
-    try:
-        cl.put_config({"Network": OVERLAY_NETWORK, "Backend": {"Type": "udp"}})
-        for i in BASE:
-            cl.start_etcd_node(i)
-        cl.wait_converged()
+    with running_cluster(
+        BASE, NS_PREFIX, {"Network": OVERLAY_NETWORK, "Backend": {"Type": "udp"}}
+    ) as cl:
         yield cl
-        stop_all_exit_zero(cl)
-    finally:
-        cl.close()
 
 
 @pytest.fixture
 def cl(_cluster: Cluster) -> Cluster:
     """The module's cluster with the base nodes running and knowing each other."""
-    for i in BASE:
-        if not _cluster.nodes[i].alive:
-            _cluster.start_etcd_node(i)
+    revive(_cluster, BASE)
     _cluster.wait_converged()
     return _cluster
 

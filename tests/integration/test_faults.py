@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from cluster_helpers import needs_cluster, stop_all_exit_zero
+from cluster_helpers import needs_cluster, revive, running_cluster, stop_all_exit_zero
 
 from udpbackend.lab.addressing import OVERLAY_NETWORK
 from udpbackend.lab.cluster import Cluster, lease_value
@@ -153,23 +153,13 @@ def wait_peers_added(node: EtcdNode, peers: dict[str, str], after: float, timeou
 
 @pytest.fixture(scope="module")
 def _cluster() -> Iterator[Cluster]:
-    cl = Cluster(nodes=len(BASE), prefix=NS_PREFIX)
-    try:
-        cl.put_config(CONFIG)
-        for i in BASE:
-            cl.start_etcd_node(i)
-        cl.wait_converged()
+    with running_cluster(BASE, NS_PREFIX, CONFIG) as cl:
         yield cl
-        stop_all_exit_zero(cl)
-    finally:
-        cl.close()
 
 
 @pytest.fixture
 def cl(_cluster: Cluster) -> Cluster:
-    for i in BASE:
-        if not _cluster.nodes[i].alive:
-            _cluster.start_etcd_node(i)
+    revive(_cluster, BASE)
     if not _cluster.etcd.running():
         _cluster.etcd.restart()
     _cluster.wait_converged()

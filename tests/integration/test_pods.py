@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from cluster_helpers import stop_all_exit_zero
+from cluster_helpers import revive, running_cluster
 
 from udpbackend.lab.addressing import HUB, HUB_ADDR, OVERLAY_NETWORK, UDP_PORT
 from udpbackend.lab.cluster import Cluster
@@ -52,24 +52,15 @@ pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
 
 @pytest.fixture(scope="module")
 def _cluster() -> Iterator[Cluster]:
-    cl = Cluster(nodes=len(NODES), prefix=NS_PREFIX)
-    try:
-        cl.put_config({"Network": OVERLAY_NETWORK, "Backend": {"Type": "udp"}})
-        for i in NODES:
-            cl.start_etcd_node(i, extra_args=MASQ)
-        cl.wait_converged()
+    config = {"Network": OVERLAY_NETWORK, "Backend": {"Type": "udp"}}
+    with running_cluster(NODES, NS_PREFIX, config, extra_args=MASQ) as cl:
         yield cl
-        stop_all_exit_zero(cl)
-    finally:
-        cl.close()
 
 
 @pytest.fixture
 def cl(_cluster: Cluster) -> Cluster:
     """The module's cluster, both nodes running with --ip-masq and routing to each other."""
-    for i in NODES:
-        if not _cluster.nodes[i].alive:
-            _cluster.start_etcd_node(i, extra_args=MASQ)
+    revive(_cluster, NODES, extra_args=MASQ)
     _cluster.wait_converged()
     return _cluster
 
