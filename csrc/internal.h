@@ -39,6 +39,16 @@ static inline void wle16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (ui
 #define IP_NOT_DF 0xbfffu    /* the reserved bit and the fragment bits: all but DF */
 #define IPPROTO_ICMP_ 1
 
+/* io.c's, shared with its fuzz harness: the largest TUN read with vnet headers, and the UDP
+ * offload socket options (Linux 4.18 / 5.0) for C libraries whose headers predate them. */
+#define FRAME_MAX (FP_VNET_HDR_LEN + FP_IP_MAX_LEN)
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+
 /* One's-complement sum (RFC 1071) of buf[0:len], as 16-bit big-endian words, added to sum;
  * not folded.  RFC 1071 2(B): the sum is byte-order independent, so it is taken in the host's
  * order over 64-bit loads and swapped once at the end. */

@@ -39,17 +39,10 @@
 #include "internal.h"
 
 #define SEND_WAIT_MS 5
-#define FRAME_MAX (FP_VNET_HDR_LEN + FP_IP_MAX_LEN) /* the largest TUN read with vnet headers */
 /* Room kept for the segments of the next frame on the egress vnet path (queue entries and
  * headers in aux) before it is read: a 64 KiB super-packet at an MSS of 512 or more; one cut
  * into more segments sends the queue mid-frame. */
 #define ROOM_SEGS 128
-#ifndef UDP_SEGMENT
-#define UDP_SEGMENT 103
-#endif
-#ifndef UDP_GRO
-#define UDP_GRO 104
-#endif
 
 typedef union {
     char buf[CMSG_SPACE(sizeof(int))];

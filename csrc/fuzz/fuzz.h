@@ -627,18 +627,39 @@ static inline uint8_t *fz_tcp_segment(uint32_t n, uint32_t seq, uint8_t flags, u
 }
 
 /* ---------------------------------------------------------------------------------------------
- * fp_ctx_init with the source check off and no local subnet, unless told
+ * fp_ctx_init with the source check off and no local subnet
  * ------------------------------------------------------------------------------------------ */
-static inline int fz_ctx_init_full(fp_ctx *cx, uint32_t local_ip, uint32_t mtu, uint32_t pp,
-                                   uint32_t rate, uint32_t burst, uint32_t local_net,
-                                   uint32_t local_plen, uint32_t peer_check)
-{
-    return fp_ctx_init(cx, local_ip, mtu, pp, rate, burst, local_net, local_plen, peer_check);
-}
 static inline int fz_ctx_init(fp_ctx *cx, uint32_t local_ip, uint32_t mtu, uint32_t per_packet,
                               uint32_t rate, uint32_t burst)
 {
-    return fz_ctx_init_full(cx, local_ip, mtu, per_packet, rate, burst, 0, 0, FP_PEER_CHECK_OFF);
+    return fp_ctx_init(cx, local_ip, mtu, per_packet, rate, burst, 0, 0, FP_PEER_CHECK_OFF);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * What a merged TUN write must hold (fuzz_gro, fuzz_split)
+ * ------------------------------------------------------------------------------------------ */
+/* CHECK that the spans sp[0:n] joined are exactly write o's bytes w[0:wl]: what
+ * fp_gro_coalesce_spans hands to writev is what fp_gro_coalesce copies. */
+static inline void check_spans_join(const uint8_t *w, uint32_t wl, const fp_span *sp,
+                                    uint32_t n, int o)
+{
+    uint32_t pos = 0;
+    for (uint32_t x = 0; x < n; x++) {
+        CHECK(pos + sp[x].len <= wl && memcmp(w + pos, sp[x].base, sp[x].len) == 0,
+              "write %d: span %u differs from fp_gro_coalesce's bytes", o, x);
+        pos += sp[x].len;
+    }
+    CHECK(pos == wl, "write %d: spans hold %u bytes, coalesce %u", o, pos, wl);
+}
+
+/* CHECK that write o, carrying one packet, is a zero virtio-net header and pkt[0:len]. */
+static inline void check_lone_write(const uint8_t *w, uint32_t wl, const uint8_t *pkt,
+                                    uint32_t len, int o)
+{
+    static const uint8_t zero[FP_VNET_HDR_LEN];
+    CHECK(wl == FP_VNET_HDR_LEN + len && memcmp(w, zero, FP_VNET_HDR_LEN) == 0
+              && memcmp(w + FP_VNET_HDR_LEN, pkt, len) == 0,
+          "write %d: a lone packet is not a zero header + the packet", o);
 }
 
 #endif

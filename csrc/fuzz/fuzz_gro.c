@@ -142,22 +142,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             CHECK((uint64_t)at + wl <= out_cap, "write %d past out_cap", o);
             if (m2 >= 0) {
                 CHECK(m2 == m && ss[o] == c, "spans: write %d carries %u, coalesce %u", o, ss[o], c);
-                uint32_t pos = 0;
                 for (uint32_t x = 0; x < ns[o]; x++) {
                     const fp_span *sp = &spans[s0[o] + x];
                     CHECK(span_inside(sp, hdrs, hcap) || (x >= 1 && span_inside(sp, pk[k + x - 1], pl[k + x - 1])),
                           "write %d: span %u points outside hdrs and its packet", o, x);
-                    CHECK(pos + sp->len <= wl && memcmp(w + pos, sp->base, sp->len) == 0,
-                          "write %d: span %u differs from fp_gro_coalesce's bytes", o, x);
-                    pos += sp->len;
                 }
-                CHECK(pos == wl, "write %d: spans hold %u bytes, coalesce %u", o, pos, wl);
+                check_spans_join(w, wl, &spans[s0[o]], ns[o], o);
             }
             if (c == 1) {
-                static const uint8_t zero[FP_VNET_HDR_LEN];
-                CHECK(wl == FP_VNET_HDR_LEN + pl[k] && memcmp(w, zero, FP_VNET_HDR_LEN) == 0
-                          && memcmp(w + FP_VNET_HDR_LEN, pk[k], pl[k]) == 0,
-                      "write %d: a lone packet is not a zero header + the packet", o);
+                check_lone_write(w, wl, pk[k], pl[k], o);
             } else {
                 const uint8_t *ip = w + FP_VNET_HDR_LEN;
                 uint32_t il = wl - FP_VNET_HDR_LEN, thl = (uint32_t)(pk[k][32] >> 4) * 4;

@@ -221,7 +221,7 @@ static int check_ctx_init(fp_ctx *cx, const conf_t *c, uint32_t plen, uint32_t p
 {
     uint32_t local = c->local, mtu = c->mtu;
     memset(cx, 0xa5, sizeof(*cx));
-    int rc = fz_ctx_init_full(cx, local, mtu, pp, rate, burst, c->local_net, plen, c->peer_check);
+    int rc = fp_ctx_init(cx, local, mtu, pp, rate, burst, c->local_net, plen, c->peer_check);
     int ok = mtu >= 68 && mtu <= 65535;
     ok = ok && plen <= 32 && !(c->local_net & ~mask_of(plen)) && c->peer_check <= FP_PEER_CHECK_STRICT;
     CHECK(rc == (ok ? 0 : -EINVAL), "fp_ctx_init(mtu=%u, %08x/%u, peer_check %u) returned %d",

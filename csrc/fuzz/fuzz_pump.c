@@ -38,14 +38,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#ifndef UDP_SEGMENT
-#define UDP_SEGMENT 103
-#endif
-#ifndef UDP_GRO
-#define UDP_GRO 104
-#endif
-
-#define FRAME_MAX (FP_VNET_HDR_LEN + FP_IP_MAX_LEN)
 #define MAX_IN 640          /* inputs (datagrams, segments of UDP_SEGMENT trains) per scenario */
 #define MAX_ONE_BY_ONE 96   /* ...of them sent one syscall each */
 #define MAX_OUT 3000        /* no more inputs once the model predicts this many outputs (the
@@ -518,8 +510,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     /* the context, and its twin for the model */
     fp_ctx cx, tw;
-    CHECK(fz_ctx_init_full(&cx, A_LOCAL, s.mtu, s.pp, s.icmp_rate, 1000000, 0xc6120000u, 16,
-                           s.peer_check) == 0, "fp_ctx_init");
+    CHECK(fp_ctx_init(&cx, A_LOCAL, s.mtu, s.pp, s.icmp_rate, 1000000, 0xc6120000u, 16,
+                      s.peer_check) == 0, "fp_ctx_init");
     int got = fp_udp_offloads(&cx, sock, s.want_off);
     CHECK(got >= 0 && (got & ~(int)s.want_off) == 0 && (!s.pp || got == 0)
               && cx.udp_gso == !!(got & FP_OFFLOAD_GSO) && cx.udp_gro == !!(got & FP_OFFLOAD_GRO),

@@ -168,20 +168,9 @@ static void round_trip(uint8_t **segs, uint32_t *lens, uint32_t n)
         const uint8_t *w = out + at;
         uint32_t wl = out_lens[o], c = out_segs[o];
         CHECK(c >= 1 && k + c <= n && c == ss[o], "write %d carries %u segments", o, c);
-        /* spans joined */
-        uint32_t pos = 0;
-        for (uint32_t x = 0; x < ns[o]; x++) {
-            const fp_span *sp = &spans[s0[o] + x];
-            CHECK(pos + sp->len <= wl && memcmp(w + pos, sp->base, sp->len) == 0,
-                  "write %d: span %u differs from fp_gro_coalesce's bytes", o, x);
-            pos += sp->len;
-        }
-        CHECK(pos == wl, "write %d: spans hold %u bytes, coalesce %u", o, pos, wl);
+        check_spans_join(w, wl, &spans[s0[o]], ns[o], o);
         if (c == 1) {
-            static const uint8_t zero[FP_VNET_HDR_LEN];
-            CHECK(wl == FP_VNET_HDR_LEN + lens[k] && memcmp(w, zero, FP_VNET_HDR_LEN) == 0
-                      && memcmp(w + FP_VNET_HDR_LEN, segs[k], lens[k]) == 0,
-                  "write %d: a lone segment is not a zero header + the segment", o);
+            check_lone_write(w, wl, segs[k], lens[k], o);
         } else {
             /* split again, it gives back the segments it carried */
             uint8_t *frame = dup_exact(w, wl);
