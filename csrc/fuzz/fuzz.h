@@ -626,6 +626,21 @@ static inline uint8_t *fz_tcp_segment(uint32_t n, uint32_t seq, uint8_t flags, u
     return p;
 }
 
+/* A TCP segment fp_gro_coalesce may merge, by fastpath.h's rules for one packet (option-less
+ * IPv4, no IP flag but DF, data, ACK and none of SYN/FIN/RST/URG/ECE/CWR, checksums valid),
+ * written apart from offload.c's. */
+static inline int ref_gro_candidate(const uint8_t *p, uint32_t len)
+{
+    if (len < 40 || p[0] != 0x45 || p[9] != P_TCP || (g16(p + 6) & 0xbfff) || g16(p + 2) != len)
+        return 0;
+    uint32_t thl = (uint32_t)(p[32] >> 4) * 4;
+    uint8_t f = p[33];
+    if (thl < 20 || 20 + thl >= len || !(f & T_ACK)
+        || (f & (T_SYN | T_FIN | T_RST | T_URG | T_ECE | T_CWR)))
+        return 0;
+    return ref_l4_ok(p, len);
+}
+
 /* ---------------------------------------------------------------------------------------------
  * fp_ctx_init with the source check off and no local subnet
  * ------------------------------------------------------------------------------------------ */

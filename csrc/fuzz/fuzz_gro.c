@@ -46,19 +46,6 @@ static void tweak(fz_in *in, uint8_t *p, uint32_t len)
     set_ip_csum(p, len);
 }
 
-/* fastpath.h's rules for one packet to take part in a merge (no IP flag but DF). */
-static int candidate(const uint8_t *p, uint32_t len)
-{
-    if (len < 40 || p[0] != 0x45 || p[9] != P_TCP || (g16(p + 6) & 0xbfff) || g16(p + 2) != len)
-        return 0;
-    uint32_t thl = (uint32_t)(p[32] >> 4) * 4;
-    uint8_t f = p[33];
-    if (thl < 20 || 20 + thl >= len || !(f & T_ACK)
-        || (f & (T_SYN | T_FIN | T_RST | T_URG | T_ECE | T_CWR)))
-        return 0;
-    return ref_l4_ok(p, len);
-}
-
 static int span_inside(const fp_span *s, const uint8_t *base, uint64_t size)
 {
     return s->base >= base && (uint64_t)(s->base - base) + s->len <= size;
@@ -160,7 +147,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                           && gle16(w + 6) == 20 && gle16(w + 8) == 16,
                       "write %d: virtio-net header", o);
                 for (uint32_t x = 0; x < c; x++)
-                    CHECK(candidate(pk[k + x], pl[k + x]), "write %d merged packet %u, which may not merge", o, k + x);
+                    CHECK(ref_gro_candidate(pk[k + x], pl[k + x]), "write %d merged packet %u, which may not merge", o, k + x);
                 /* completed as the kernel does NEEDS_CSUM: the TCP checksum verifies */
                 uint8_t *done = dup_exact(ip, il);
                 s16(done + 36, (uint16_t)~ref_sum(0, done + 20, il - 20));

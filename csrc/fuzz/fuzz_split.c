@@ -120,26 +120,12 @@ static uint32_t pick_mtu(fz_in *in)
     return s >= 0xf0 ? 68 + in_u16(in) % (65535 - 67) : mtus[s % 10];
 }
 
-/* A TCP segment fp_gro_coalesce may merge (fastpath.h's rules for one packet; no IP flag
- * but DF). */
-static int gro_candidate(const uint8_t *p, uint32_t len)
-{
-    if (len < 40 || p[0] != 0x45 || p[9] != P_TCP || (g16(p + 6) & 0xbfff) || g16(p + 2) != len)
-        return 0;
-    uint32_t thl = (uint32_t)(p[32] >> 4) * 4;
-    uint8_t f = p[33];
-    if (thl < 20 || 20 + thl >= len || !(f & T_ACK)
-        || (f & (T_SYN | T_FIN | T_RST | T_URG | T_ECE | T_CWR)))
-        return 0;
-    return ref_l4_ok(p, len);
-}
-
 /* The segments of one split through both coalesce functions, checked as described above. */
 static void round_trip(uint8_t **segs, uint32_t *lens, uint32_t n)
 {
     uint32_t expect = 0, run = 0;
     for (uint32_t i = 0; i <= n; i++) {
-        if (i < n && gro_candidate(segs[i], lens[i])) {
+        if (i < n && ref_gro_candidate(segs[i], lens[i])) {
             run++;
             continue;
         }
